@@ -1,0 +1,24 @@
+"""graphprune: structural pruning that makes trained networks physically smaller.
+
+    import graphprune as gp
+    plan = gp.plan(model, x, ratio=0.5, ignore=[model.fc])
+    slim = gp.apply(model, plan)
+    gp.verify(model, slim, plan, x)
+"""
+
+from .api import analyze, apply, plan, prune, verify
+from .coupling import list_rules
+from .errors import (CaptureError, GraphPruneError, InvalidArgumentError, PlanError,
+                     UnsupportedOpError, VerificationError)
+from .metrics import count_macs, count_params
+from .planning.plan import PlanGroup, PlanMember, PruningPlan
+from .scoring import Importance, list_importance, register_importance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analyze", "apply", "plan", "prune", "verify", "count_macs", "count_params", "list_rules",
+    "PruningPlan", "PlanGroup", "PlanMember", "Importance", "list_importance", "register_importance",
+    "GraphPruneError", "CaptureError", "InvalidArgumentError", "PlanError", "UnsupportedOpError",
+    "VerificationError",
+]

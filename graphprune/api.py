@@ -1,0 +1,146 @@
+"""The public API: thin functions over capture -> coupling -> scoring ->
+planning -> apply -> verify.  Arguments are validated here, once, with one
+message template; the user's model is never modified unless ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .apply.torch_apply import apply_torch
+from .capture.torch_fx import capture_torch
+from .coupling.groups import Coupling, couple
+from .errors import InvalidArgumentError
+from .planning.plan import PruningPlan
+from .planning.planner import uniform_plan
+from .scoring.importance import get_importance
+from .verify.torch_verify import VerifyReport, verify_torch
+
+
+def _bad(name: str, expected: str, got) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{name} must be {expected}, got {got!r}")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise _bad("model", "a torch.nn.Module", type(model).__name__)
+
+
+def _check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise _bad("ratio", "a number in [0, 1)", ratio)
+    return float(ratio)
+
+
+def resolve_ignore(model: nn.Module, ignore) -> set[str]:
+    """Qualified parameter names owned by the ignored modules or names."""
+    if ignore is None:
+        return set()
+    if isinstance(ignore, (nn.Module, str)):
+        ignore = [ignore]
+    params = dict(model.named_parameters())
+    modules = {id(m): n for n, m in model.named_modules()}
+    module_names = {n for n, _ in model.named_modules()}
+    out: set[str] = set()
+    for item in ignore:
+        if isinstance(item, nn.Module):
+            if id(item) not in modules:
+                raise _bad("ignore", "submodules of the model", type(item).__name__)
+            prefix = modules[id(item)]
+        elif isinstance(item, str):
+            if item in params:
+                out.add(item)
+                continue
+            if item not in module_names:
+                raise InvalidArgumentError(f"ignore names '{item}', which is neither a module nor a parameter of {type(model).__name__}")
+            prefix = item
+        else:
+            raise _bad("ignore", "modules or qualified names", item)
+        out.update(n for n in params if prefix == "" or n == prefix or n.startswith(prefix + "."))
+    return out
+
+
+class _Eval:
+    """Put a model in eval mode for capture and restore every module's flag."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def analyze(model: nn.Module, example_inputs, ignore=None, strict: bool = False) -> Coupling:
+    """Capture ``model`` and return its coupled groups (model untouched)."""
+    _check_model(model)
+    fixed = resolve_ignore(model, ignore)
+    with _Eval(model):
+        captured = capture_torch(model, example_inputs)
+    captured.graph.lint()
+    result = couple(captured.graph, strict=strict, fixed_params=fixed)
+    result.method = captured.method
+    return result
+
+
+class _LazyArrays(dict):
+    """Parameter arrays as numpy, converted on first access."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+
+    def __missing__(self, key):
+        arr = self._tensors[key].detach().cpu().float().numpy()
+        self[key] = arr
+        return arr
+
+
+def plan(model: nn.Module, example_inputs, ratio: float = 0.5, importance="l2",
+         ignore: Iterable | None = None, round_to: int = 1, strict: bool = False) -> PruningPlan:
+    """Decide what to remove: ``ratio`` of the units of every prunable group."""
+    ratio = _check_ratio(ratio)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise _bad("round_to", "a positive integer", round_to)
+    scorer = get_importance(importance)
+    coupling = analyze(model, example_inputs, ignore, strict)
+    meta = {"model": type(model).__name__, "ratio": ratio, "importance": getattr(scorer, "name", "custom"),
+            "round_to": round_to, "capture": coupling.method, "barriers": coupling.barriers}
+    return uniform_plan(coupling.groups, _LazyArrays(model), scorer, ratio, round_to, meta)
+
+
+def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
+    """Return a physically smaller model of the same class."""
+    _check_model(model)
+    if not isinstance(plan, PruningPlan):
+        raise _bad("plan", "a PruningPlan", type(plan).__name__)
+    return apply_torch(model, plan, inplace=inplace)
+
+
+def prune(model: nn.Module, example_inputs, ratio: float = 0.5, importance="l2", ignore=None,
+          round_to: int = 1, strict: bool = False, inplace: bool = False) -> nn.Module:
+    """``plan`` then ``apply`` in one call."""
+    p = plan(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore,
+             round_to=round_to, strict=strict)
+    return apply(model, p, inplace=inplace)
+
+
+def verify(original: nn.Module, pruned: nn.Module, plan: PruningPlan, example_inputs,
+           atol: float = 0.0, rtol: float = 1e-4) -> VerifyReport:
+    """The oracle; raises :class:`~graphprune.errors.VerificationError`."""
+    _check_model(original)
+    _check_model(pruned)
+    return verify_torch(original, pruned, plan, example_inputs, atol=atol, rtol=rtol)
+
+
+def seed_everything(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)

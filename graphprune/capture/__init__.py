@@ -1,0 +1,1 @@
+"""Frontends: turn a framework model into the IR."""

@@ -1,0 +1,191 @@
+"""Channel labels: the data structure behind coupling.
+
+Every position of every *channel-like* axis of a tensor carries an integer
+label (a channel id).  Two positions whose labels end up in the same
+union-find class must be kept or removed together; such a class is a
+prunable *unit*.
+
+A value's labelling is a :data:`LabelMap`: a dict from a sorted tuple of axes
+to an integer array whose shape is the sizes of those axes.  A single axis
+(``(1,)`` for NCHW channels) is the common case; a joint entry over several
+axes arises when a reshape splits a channel axis (``[B, C] -> [B, g, C/g]``)
+and records exactly which original channel sits at each joint position.
+Axes in no entry are *free*: spatial, batch or token axes that carry no
+channel identity.
+
+Invariants:
+* an array in a LabelMap has ``ndim == len(axes)`` and no axis of size 1
+  unless the tensor's axis itself has size 1;
+* label ids are never reused; the union-find only grows;
+* ``fixed`` ids can never be removed; ``lossy`` ids sit behind a channel-mixing
+  op (LayerNorm statistics) so their removal is exact only in the masked sense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LabelMap = dict[tuple[int, ...], np.ndarray]
+
+
+class UnionFind:
+    """Union-find over dense integer ids with path halving."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def fresh(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                ra, rb = rb, ra
+            self.parent[ra] = rb
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Unify ``a`` and ``b`` elementwise (they broadcast together)."""
+        a, b = np.broadcast_arrays(a, b)
+        pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
+        for x, y in pairs:
+            if x != y:
+                self.union(int(x), int(y))
+
+    def canonical(self, arr: np.ndarray) -> np.ndarray:
+        flat = [self.find(int(x)) for x in arr.ravel()]
+        return np.asarray(flat, dtype=np.int64).reshape(arr.shape)
+
+
+@dataclass
+class Member:
+    """One parameter axis whose positions carry labels.
+
+    ``role`` is ``"out"`` when the parameter helps *produce* the channel
+    (conv/linear rows, biases, norm affine, layer scales, additive embeddings)
+    and ``"in"`` when it *reads* the channel (conv/linear input columns).
+    """
+
+    param: str
+    axis: int
+    role: str
+    labels: np.ndarray
+    is_buffer: bool = False
+    node: str = ""
+
+
+@dataclass
+class CouplingState:
+    """What the op rules build while walking the graph once."""
+
+    uf: UnionFind = field(default_factory=UnionFind)
+    labels: dict[int, LabelMap] = field(default_factory=dict)
+    members: dict[tuple[str, int], Member] = field(default_factory=dict)
+    fixed: set[int] = field(default_factory=set)
+    fixed_reasons: dict[int, str] = field(default_factory=dict)
+    lossy: set[int] = field(default_factory=set)
+    barriers: list[str] = field(default_factory=list)
+
+    # -- labels of values ---------------------------------------------
+    def get(self, value) -> LabelMap:
+        if value is None:
+            return {}
+        key = id(value)
+        if key not in self.labels:
+            self.labels[key] = self._param_labels(value) if value.param is not None else {}
+        return self.labels[key]
+
+    def set(self, value, lmap: LabelMap) -> None:
+        self.labels[id(value)] = {k: v for k, v in lmap.items() if v.size > 0}
+
+    def _param_labels(self, value) -> LabelMap:
+        """A parameter read by a non-weight op gets fresh labels per axis.
+
+        Each axis of size > 1 becomes its own single-axis entry and an
+        ``out``-role member: the parameter helps produce those channels.
+        """
+        lmap: LabelMap = {}
+        for axis, size in enumerate(value.shape or ()):
+            if size > 1:
+                ids = self.uf.fresh(size)
+                lmap[(axis,)] = ids
+                self.add_member(value.param.name, axis, "out", ids, value.param.is_buffer)
+        return lmap
+
+    # -- members, fixed, lossy ----------------------------------------
+    def add_member(self, param: str, axis: int, role: str, labels: np.ndarray,
+                   is_buffer: bool = False, node: str = "") -> None:
+        """Record that ``param``'s ``axis`` carries ``labels`` (1-D).
+
+        A parameter used twice (weight sharing) unifies its labels positionally.
+        """
+        labels = np.asarray(labels, dtype=np.int64).ravel()
+        key = (param, axis)
+        if key in self.members:
+            self.uf.union_arrays(self.members[key].labels, labels)
+            return
+        self.members[key] = Member(param, axis, role, labels, is_buffer, node)
+
+    def fix(self, ids, reason: str) -> None:
+        for x in np.asarray(ids).ravel():
+            x = int(x)
+            if x not in self.fixed:
+                self.fixed.add(x)
+                self.fixed_reasons.setdefault(x, reason)
+
+    def fix_map(self, lmap: LabelMap, reason: str) -> None:
+        for arr in lmap.values():
+            self.fix(arr, reason)
+
+    def mark_lossy(self, ids) -> None:
+        self.lossy.update(int(x) for x in np.asarray(ids).ravel())
+
+
+# -- pure helpers on LabelMaps ----------------------------------------------
+
+def shift_axes(lmap: LabelMap, offset: int) -> LabelMap:
+    return {tuple(a + offset for a in axes): arr for axes, arr in lmap.items()}
+
+
+def axis_entry(lmap: LabelMap, axis: int):
+    """Return ``(axes, array)`` of the entry containing ``axis`` or ``None``."""
+    for axes, arr in lmap.items():
+        if axis in axes:
+            return axes, arr
+    return None
+
+
+def materialise(lmap_axes: tuple[int, ...], arr: np.ndarray, shape) -> np.ndarray:
+    """Broadcast one entry to the full ``shape`` (free axes get size 1 first)."""
+    view_shape = [1] * len(shape)
+    for a, n in zip(lmap_axes, arr.shape):
+        view_shape[a] = n
+    return np.broadcast_to(arr.reshape(view_shape), tuple(shape))
+
+
+def compress(full: np.ndarray, uf: UnionFind) -> tuple[tuple[int, ...], np.ndarray]:
+    """Drop axes along which ``full``'s classes are constant.
+
+    Returns the remaining axes and the labels on them.
+    """
+    canon = uf.canonical(full) if full.size <= 4_000_000 else full
+    keep_axes = []
+    for ax in range(full.ndim):
+        if full.shape[ax] <= 1:
+            continue
+        first = np.take(canon, [0], axis=ax)
+        if not np.all(canon == first):
+            keep_axes.append(ax)
+    index = tuple(slice(None) if ax in keep_axes else 0 for ax in range(full.ndim))
+    return tuple(keep_axes), np.ascontiguousarray(full[index])

@@ -1,0 +1,5 @@
+"""Importance scoring (framework-free)."""
+
+from .importance import IMPORTANCE, Importance, get_importance, list_importance, register_importance
+
+__all__ = ["IMPORTANCE", "Importance", "get_importance", "list_importance", "register_importance"]

@@ -1,0 +1,95 @@
+"""Importance criteria: one registered class each, framework-free.
+
+A criterion maps a :class:`~graphprune.coupling.Group` and the parameter
+arrays (numpy, by qualified name) to one score per unit, aggregated over
+*all* members of the group (the producing layer, norms, and the consumers).
+Buffers (running statistics) never contribute.  Higher means more important.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ..coupling.groups import Group
+from ..errors import InvalidArgumentError
+
+IMPORTANCE: dict[str, type["Importance"]] = {}
+
+
+def register_importance(name: str):
+    def deco(cls):
+        IMPORTANCE[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def list_importance() -> list[str]:
+    return sorted(IMPORTANCE)
+
+
+def get_importance(spec) -> "Importance":
+    """Accept a registered name or an :class:`Importance` instance."""
+    if isinstance(spec, Importance):
+        return spec
+    if isinstance(spec, str) and spec in IMPORTANCE:
+        return IMPORTANCE[spec]()
+    raise InvalidArgumentError(f"importance must be one of {list_importance()} or an Importance instance, got {spec!r}")
+
+
+class Importance:
+    """Base class.  Subclasses implement :meth:`slice_score`."""
+
+    name = "base"
+
+    def slice_score(self, values: np.ndarray) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self, total: float) -> float:
+        return total
+
+    def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        index = {u: i for i, u in enumerate(group.units)}
+        totals = np.zeros(len(group.units), dtype=np.float64)
+        for m in group.members:
+            if m.is_buffer:
+                continue
+            arr = np.moveaxis(np.asarray(arrays[m.param], dtype=np.float64), m.axis, 0)
+            flat = arr.reshape(arr.shape[0], -1)
+            per_pos = np.array([self.slice_score(flat[p]) for p in m.indices]) if len(m.indices) else []
+            for u, s in zip(m.units, per_pos):
+                totals[index[u]] += s
+        return np.array([self.finish(t) for t in totals])
+
+
+@register_importance("l1")
+class L1Importance(Importance):
+    """Sum of absolute values of every slice of the unit."""
+
+    def slice_score(self, values):
+        return float(np.abs(values).sum())
+
+
+@register_importance("l2")
+class L2Importance(Importance):
+    """Euclidean norm of all slices of the unit taken together."""
+
+    def slice_score(self, values):
+        return float(np.square(values).sum())
+
+    def finish(self, total):
+        return float(np.sqrt(total))
+
+
+@register_importance("random")
+class RandomImportance(Importance):
+    """Uniform random scores (a baseline); ``seed`` makes it reproducible."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def __call__(self, group, arrays):
+        rng = np.random.default_rng(self.seed + group.id)
+        return rng.random(len(group.units))
