@@ -219,8 +219,9 @@ def _swin_attention(ctx, node):
 
 
 def _swin_pad(ctx, node):
+    """``_patch_merging_pad``: pad H, W to even, then cat the four 2x2 phases on C."""
     r = ctx.rank(node.args[0])
-    ctx.emit("spatial", [ctx.value(node.args[0])], {"axes": [r - 3, r - 2]})
+    ctx.emit("space_to_depth", [ctx.value(node.args[0])], {"axis": r - 1, "copies": 4, "spatial": [r - 3, r - 2]})
 
 
 def _relative_bias(ctx, node):

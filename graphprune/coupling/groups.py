@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..errors import UnsupportedOpError
 from .labels import CouplingState
 from .rules import RULES
@@ -99,6 +97,11 @@ def build_groups(st: CouplingState) -> list[Group]:
     for x in st.fixed:
         fixed_roots.setdefault(uf.find(x), st.fixed_reasons.get(x, "fixed"))
     lossy_roots = {uf.find(x) for x in st.lossy}
+    produced_roots = {uf.find(int(x)) for ids in st.produced for x in ids}
+    for x in list(positions_ids(st)):
+        root = uf.find(x)
+        if root not in produced_roots:
+            fixed_roots.setdefault(root, "no layer produces these positions")
     positions: dict[int, list[tuple[tuple[str, int], int]]] = defaultdict(list)
     for key, m in st.members.items():
         for pos, lab in enumerate(m.labels):
@@ -114,6 +117,12 @@ def build_groups(st: CouplingState) -> list[Group]:
     for i, g in enumerate(groups):
         g.id = i
     return groups
+
+
+def positions_ids(st: CouplingState):
+    """Every raw id that sits on a member."""
+    for m in st.members.values():
+        yield from (int(x) for x in m.labels)
 
 
 def _make_group(gid, units, positions, st, fixed_roots, lossy_roots) -> Group:
@@ -141,13 +150,13 @@ def _order_key(group: Group, st: CouplingState):
 
 
 def _node_order(st, name):
-    return st.node_index.get(name, 1 << 30) if hasattr(st, "node_index") else 0
+    return st.node_index.get(name, 1 << 30)
 
 
 def couple(graph, strict: bool = False, fixed_params=()) -> Coupling:
     """Find every coupled group of ``graph`` (see module docstring)."""
     st = run_rules(graph, strict, fixed_params)
-    st.node_index = {n.name: i for i, n in enumerate(graph.nodes)}
+    st.node_index.update({n.name: i for i, n in enumerate(graph.nodes)})
     return Coupling(build_groups(st), st.barriers)
 
 
@@ -159,6 +168,3 @@ def unit_positions(group: Group) -> dict[int, list[tuple[GroupMember, int]]]:
             out[u].append((m, pos))
     return out
 
-
-def as_array(x) -> np.ndarray:
-    return np.asarray(x)

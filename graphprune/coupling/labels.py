@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import IRLintError
+
 LabelMap = dict[tuple[int, ...], np.ndarray]
 
 
@@ -95,7 +97,20 @@ class CouplingState:
     fixed: set[int] = field(default_factory=set)
     fixed_reasons: dict[int, str] = field(default_factory=dict)
     lossy: set[int] = field(default_factory=set)
+    produced: list[np.ndarray] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
+    node_index: dict[str, int] = field(default_factory=dict)
+
+    def produce(self, n: int) -> np.ndarray:
+        """Fresh ids for the ``n`` output channels of a producing layer.
+
+        Only units that contain a produced id can be removed: a parameter
+        axis that no layer produces (a buffer of coordinates, a token axis)
+        is never a channel.
+        """
+        ids = self.uf.fresh(n)
+        self.produced.append(ids)
+        return ids
 
     # -- labels of values ---------------------------------------------
     def get(self, value) -> LabelMap:
@@ -107,6 +122,11 @@ class CouplingState:
         return self.labels[key]
 
     def set(self, value, lmap: LabelMap) -> None:
+        """Set ``value``'s labels; each entry must match the sizes of its axes."""
+        shape = value.shape or ()
+        for axes, arr in lmap.items():
+            if tuple(shape[a] for a in axes) != arr.shape:
+                raise IRLintError(f"labels of shape {arr.shape} on axes {axes} do not fit {value.name} {shape}")
         self.labels[id(value)] = {k: v for k, v in lmap.items() if v.size > 0}
 
     def _param_labels(self, value) -> LabelMap:

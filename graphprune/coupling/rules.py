@@ -106,7 +106,7 @@ class ConvRule(Rule):
         groups = int(node.attrs.get("groups", 1))
         out_c = w.shape[0]
         xin = channel_ids(st, x, 1, node.describe())
-        out = st.uf.fresh(out_c)
+        out = st.produce(out_c)
         if groups == 1:
             add_param_member(st, w, 1, "in", xin, node)
         else:
@@ -130,7 +130,7 @@ class LinearRule(Rule):
         x, w, b = (node.inputs + [None, None, None])[:3]
         last = x.rank - 1
         xin = channel_ids(st, x, last, node.describe())
-        out = st.uf.fresh(w.shape[0])
+        out = st.produce(w.shape[0])
         add_param_member(st, w, 1, "in", xin, node)
         add_param_member(st, w, 0, "out", out, node)
         add_param_member(st, b, 0, "out", out, node)
@@ -185,39 +185,52 @@ ELEMENTWISE = (
 )
 
 
+def unify_aligned(st, node, operands, rank: int, skip_axis: int | None = None) -> LabelMap:
+    """Unify the labelled axes of right-aligned ``operands`` (numpy broadcasting).
+
+    Returns the output's entries.  An operand that varies along a labelled
+    axis without labels of its own (a constant tensor, a graph input) pins
+    those channels: they are fixed.  Entries with overlapping but different
+    axes are fixed too.  ``skip_axis`` (concat's axis) is left out.
+    """
+    why = f"{node.describe()}: operands split channels differently"
+    maps = []
+    for v in operands:
+        lm = shift_axes(st.get(v), rank - v.rank)
+        if skip_axis is not None:
+            lm = {k: a for k, a in lm.items() if skip_axis not in k}
+        maps.append((v, lm))
+    result: LabelMap = {}
+    claimed: dict[int, tuple[int, ...]] = {}
+    for _, lm in maps:
+        for axes, arr in lm.items():
+            if axes in result:
+                st.uf.union_arrays(result[axes], arr)
+            elif any(a in claimed for a in axes):
+                st.fix(arr, why)
+                for a in axes:
+                    if a in claimed and claimed[a] in result:
+                        st.fix(result.pop(claimed[a]), why)
+            else:
+                result[axes] = arr
+                claimed.update({a: axes for a in axes})
+    for v, lm in maps:
+        vshape = (1,) * (rank - v.rank) + tuple(v.shape)
+        for axes in list(result):
+            if axes not in lm and any(vshape[a] > 1 for a in axes):
+                st.fix(result[axes], f"{node.describe()}: operand '{v.name}' has no channel identity")
+    return result
+
+
 @register(*ELEMENTWISE)
 class ElementwiseRule(Rule):
-    """Broadcasting elementwise op: aligned labelled axes are unified.
-
-    An operand that varies along a labelled axis without labels of its own
-    (a constant tensor, a graph input) pins those channels: they are fixed.
-    Entries with overlapping but different axes are fixed too.
-    """
+    """Broadcasting elementwise op: aligned labelled axes are unified
+    (see :func:`unify_aligned`)."""
 
     def apply(self, node, st):
         out = node.outputs[0]
-        r = out.rank
-        maps = [(v, shift_axes(st.get(v), r - v.rank)) for v in node.inputs if v is not None]
-        result: LabelMap = {}
-        claimed: dict[int, tuple[int, ...]] = {}
-        for _, lm in maps:
-            for axes, arr in lm.items():
-                if axes in result:
-                    st.uf.union_arrays(result[axes], arr)
-                elif any(a in claimed for a in axes):
-                    st.fix(arr, f"{node.describe()}: operands split channels differently")
-                    for a in axes:
-                        if a in claimed and claimed[a] in result:
-                            st.fix(result.pop(claimed[a]), f"{node.describe()}: operands split channels differently")
-                else:
-                    result[axes] = arr
-                    claimed.update({a: axes for a in axes})
-        for v, lm in maps:
-            vshape = (1,) * (r - v.rank) + tuple(v.shape)
-            for axes in list(result):
-                if axes not in lm and any(vshape[a] > 1 for a in axes):
-                    st.fix(result[axes], f"{node.describe()}: operand '{v.name}' has no channel identity")
-        st.set(out, result)
+        operands = [v for v in node.inputs if v is not None]
+        st.set(out, unify_aligned(st, node, operands, out.rank))
 
 
 @register("pool", "spatial")
@@ -327,31 +340,25 @@ class ExpandRule(Rule):
 @register("cat")
 class ConcatRule(Rule):
     """Concatenation: the cat axis is the ordered sum of the input spaces,
-    other labelled axes are unified across inputs."""
+    other labelled axes are unified across inputs (see :func:`unify_aligned`)."""
 
     def apply(self, node, st):
         out = node.outputs[0]
         axis = node.attrs["axis"] % out.rank
         ins = [v for v in node.inputs if v is not None]
+        lm = unify_aligned(st, node, ins, out.rank, skip_axis=axis)
         parts, any_lab = [], False
-        other: LabelMap = {}
         for v in ins:
-            lm = st.get(v)
-            ent = lm.get((axis,))
-            rest = fix_axes(st, {k: a for k, a in lm.items() if k != (axis,)}, [axis],
-                            f"{node.describe()}: joint labels on cat axis")
-            for k, a in rest.items():
-                if k in other:
-                    st.uf.union_arrays(other[k], a)
-                else:
-                    other[k] = a
+            vlm = st.get(v)
+            fix_axes(st, {k: a for k, a in vlm.items() if k != (axis,)}, [axis],
+                     f"{node.describe()}: joint labels on cat axis")
+            ent = vlm.get((axis,))
             if ent is None:
                 ent = st.uf.fresh(v.shape[axis])
                 st.fix(ent, f"{node.describe()}: concatenated input '{v.name}' has no channels to shrink")
             else:
                 any_lab = True
             parts.append(ent)
-        lm = dict(other)
         if any_lab:
             lm[(axis,)] = np.concatenate(parts)
         st.set(out, lm)
@@ -465,6 +472,7 @@ class SwinAttentionRule(Rule):
         heads = int(node.attrs["num_heads"])
         ids = channel_ids(st, x, x.rank - 1, node.describe())
         _attention_members(node, st, ids, heads)
+        st.fix_map(st.get(node.inputs[7]), f"{node.describe()}: relative position bias")
         lm = others(st.get(x), x.rank - 1)
         lm[(x.rank - 1,)] = ids
         st.set(node.outputs[0], lm)
@@ -485,11 +493,29 @@ def _attention_members(node, st, ids, heads):
         st.mark_lossy(ids)
 
 
-@register("relative_position_bias")
-class OpaqueConstantRule(Rule):
-    """Ops that only read parameters that are never pruned (e.g. Swin's
-    relative position bias table, indexed per head): outputs are free."""
+@register("space_to_depth")
+class SpaceToDepthRule(Rule):
+    """Pad and gather ``copies`` spatial phases into the channel axis
+    (Swin's patch merging): the output channel axis is the input's labels
+    repeated ``copies`` times; positions on the spatial axes are mixed."""
 
     def apply(self, node, st):
+        x = node.inputs[0]
+        axis = node.attrs["axis"] % x.rank
+        ids = channel_ids(st, x, axis, node.describe())
+        rest = fix_axes(st, others(st.get(x), axis), node.attrs["spatial"], f"{node.describe()}: positions mixed")
+        rest[(axis,)] = np.tile(ids, node.attrs["copies"])
+        st.set(node.outputs[0], rest)
+
+
+@register("relative_position_bias")
+class OpaqueConstantRule(Rule):
+    """Ops that build a constant-like tensor from tables that are never
+    pruned (Swin's relative position bias, indexed per head): inputs are
+    fixed, outputs are free."""
+
+    def apply(self, node, st):
+        for v in node.inputs:
+            st.fix_map(st.get(v), f"{node.describe()}: read by an op that cannot shrink")
         for out in node.outputs:
             st.set(out, {})

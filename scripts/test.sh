@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (./.venv) and run the test suite; extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh vision,dev
+.venv/bin/python -m ruff check graphprune tests benchmarks examples
+exec .venv/bin/python -m pytest -n 2 -q "$@"
