@@ -119,9 +119,35 @@ def _flatten(ctx, node):
     ctx.emit("reshape", [ctx.value(node.args[0])])
 
 
+def _size_source(arg):
+    """``(tensor_node, axis)`` if ``arg`` is ``t.size(k)``, ``t.size()[k]`` or ``t.shape[k]``."""
+    if not hasattr(arg, "op"):
+        return None
+    if arg.op == "call_method" and arg.target == "size" and len(arg.args) == 2:
+        return arg.args[0], arg.args[1]
+    if arg.op == "call_function" and arg.target is operator.getitem and isinstance(arg.args[1], int):
+        src = arg.args[0]
+        if getattr(src, "op", None) == "call_method" and src.target == "size" and len(src.args) == 1:
+            return src.args[0], arg.args[1]
+        if getattr(src, "op", None) == "call_function" and src.target is getattr and src.args[1] == "shape":
+            return src.args[0], arg.args[1]
+    return None
+
+
 def _view(ctx, node):
+    """Reshape; records which output sizes are literals and which are read
+    from another tensor's shape (``attrs['sources']``: input index, axis)."""
     sizes = _sizes(node, 1)
-    ctx.emit("reshape", [ctx.value(node.args[0])], {"static": [_is_literal(s) for s in sizes]})
+    x = node.args[0]
+    inputs, sources = [ctx.value(x)], []
+    for s in sizes:
+        src = _size_source(s)
+        if src is None or ctx.value(src[0]) is None:
+            sources.append(None)
+            continue
+        inputs.append(ctx.value(src[0]))
+        sources.append((len(inputs) - 1, src[1]))
+    ctx.emit("reshape", inputs, {"static": [_is_literal(s) for s in sizes], "sources": sources})
 
 
 def _permute(ctx, node):

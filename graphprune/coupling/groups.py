@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import UnsupportedOpError
 from .labels import CouplingState
 from .rules import RULES
@@ -91,56 +93,71 @@ def run_rules(graph, strict: bool = False, fixed_params=()) -> CouplingState:
 
 
 def build_groups(st: CouplingState) -> list[Group]:
-    """Group units by the set of member axes they appear on."""
-    uf = st.uf
-    fixed_roots: dict[int, str] = {}
-    for x in st.fixed:
-        fixed_roots.setdefault(uf.find(x), st.fixed_reasons.get(x, "fixed"))
-    lossy_roots = {uf.find(x) for x in st.lossy}
-    produced_roots = {uf.find(int(x)) for ids in st.produced for x in ids}
-    for x in list(positions_ids(st)):
-        root = uf.find(x)
-        if root not in produced_roots:
-            fixed_roots.setdefault(root, "no layer produces these positions")
-    positions: dict[int, list[tuple[tuple[str, int], int]]] = defaultdict(list)
-    for key, m in st.members.items():
-        for pos, lab in enumerate(m.labels):
-            positions[uf.find(int(lab))].append((key, pos))
-    by_signature: dict[frozenset, list[int]] = defaultdict(list)
-    for unit, places in positions.items():
-        by_signature[frozenset(k for k, _ in places)].append(unit)
+    """Group units by the set of member axes they appear on.
+
+    Vectorised: every member key gets two random 64-bit codes; a unit's
+    signature is the pair of sums of the codes of the members it sits on.
+    """
+    roots = st.uf.roots()
+    keys = list(st.members)
+    if not keys:
+        return []
+    member_units = [roots[st.members[k].labels] for k in keys]
+    sizes = [len(u) for u in member_units]
+    unit = np.concatenate(member_units)
+    key = np.repeat(np.arange(len(keys)), sizes)
+    pos = np.concatenate([np.arange(n) for n in sizes])
+    uniq, inv = np.unique(unit, return_inverse=True)
+    pair = np.unique(inv.astype(np.int64) * len(keys) + key)
+    p_unit, p_key = pair // len(keys), pair % len(keys)
+    codes = np.random.default_rng(0).integers(1, 2**62, size=(2, len(keys)), dtype=np.uint64)
+    sig = np.zeros((2, len(uniq)), dtype=np.uint64)
+    for i in range(2):
+        np.add.at(sig[i], p_unit, codes[i][p_key])
+    first = np.full(len(uniq), np.iinfo(np.int64).max)
+    np.minimum.at(first, inv, pos)
+    _, unit_group = np.unique(sig, axis=1, return_inverse=True)
+    unit_group = unit_group.ravel()
+    status = _unit_status(st, roots, uniq)
     groups = []
-    for units in by_signature.values():
-        units.sort(key=lambda u: min(p for _, p in positions[u]))
-        groups.append(_make_group(len(groups), units, positions, st, fixed_roots, lossy_roots))
+    for gi in range(unit_group.max() + 1):
+        idx = np.nonzero(unit_group == gi)[0]
+        idx = idx[np.argsort(first[idx], kind="stable")]
+        gkeys = sorted({keys[k] for k in p_key[np.isin(p_unit, idx)].tolist()})
+        groups.append(_make_group(uniq[idx], gkeys, st, roots, status))
     groups.sort(key=lambda g: _order_key(g, st))
     for i, g in enumerate(groups):
         g.id = i
     return groups
 
 
-def positions_ids(st: CouplingState):
-    """Every raw id that sits on a member."""
-    for m in st.members.values():
-        yield from (int(x) for x in m.labels)
+def _unit_status(st, roots, units) -> dict:
+    """Fixed reasons and lossy flags by root id."""
+    fixed: dict[int, str] = {}
+    for x in sorted(st.fixed):
+        fixed.setdefault(int(roots[x]), st.fixed_reasons.get(x, "fixed"))
+    produced = set(np.unique(roots[np.concatenate(st.produced)]).tolist()) if st.produced else set()
+    for u in units.tolist():
+        if u not in produced:
+            fixed.setdefault(u, "no layer produces these positions")
+    lossy = set(roots[sorted(st.lossy)].tolist()) if st.lossy else set()
+    return {"fixed": fixed, "lossy": lossy}
 
 
-def _make_group(gid, units, positions, st, fixed_roots, lossy_roots) -> Group:
-    per_member: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
-    for u in units:
-        for key, pos in positions[u]:
-            per_member[key].append((pos, u))
+def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
     members = []
-    for key, pairs in per_member.items():
-        pairs.sort()
+    for key in keys:
         m = st.members[key]
-        members.append(GroupMember(m.param, m.axis, m.role, tuple(p for p, _ in pairs),
-                                   tuple(u for _, u in pairs), m.is_buffer))
+        mu = roots[m.labels]
+        pos = np.nonzero(np.isin(mu, units))[0]
+        members.append(GroupMember(m.param, m.axis, m.role, tuple(pos.tolist()),
+                                   tuple(mu[pos].tolist()), m.is_buffer))
     members.sort(key=lambda m: (m.role != "out", m.is_buffer))
-    prunable = [u not in fixed_roots for u in units]
-    reasons = sorted({fixed_roots[u] for u in units if u in fixed_roots})
-    lossy = any(u in lossy_roots for u in units)
-    return Group(gid, "channel", units, members, prunable, lossy, reasons)
+    ulist = units.tolist()
+    fixed = status["fixed"]
+    reasons = sorted({fixed[u] for u in ulist if u in fixed})
+    return Group(0, "channel", ulist, members, [u not in fixed for u in ulist],
+                 any(u in status["lossy"] for u in ulist), reasons)
 
 
 def _order_key(group: Group, st: CouplingState):
@@ -158,13 +175,3 @@ def couple(graph, strict: bool = False, fixed_params=()) -> Coupling:
     st = run_rules(graph, strict, fixed_params)
     st.node_index.update({n.name: i for i, n in enumerate(graph.nodes)})
     return Coupling(build_groups(st), st.barriers)
-
-
-def unit_positions(group: Group) -> dict[int, list[tuple[GroupMember, int]]]:
-    """unit -> [(member, position)] for scoring and slicing."""
-    out: dict[int, list] = defaultdict(list)
-    for m in group.members:
-        for pos, u in zip(m.indices, m.units):
-            out[u].append((m, pos))
-    return out
-

@@ -60,12 +60,23 @@ class UnionFind:
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unify ``a`` and ``b`` elementwise (they broadcast together)."""
         a, b = np.broadcast_arrays(a, b)
-        pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
+        pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
         for x, y in pairs:
             if x != y:
-                self.union(int(x), int(y))
+                self.union(x, y)
+
+    def roots(self) -> np.ndarray:
+        """Root of every id, computed by vectorised pointer jumping."""
+        parent = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                return parent
+            parent = nxt
 
     def canonical(self, arr: np.ndarray) -> np.ndarray:
+        if arr.size > 4096:
+            return self.roots()[arr]
         flat = [self.find(int(x)) for x in arr.ravel()]
         return np.asarray(flat, dtype=np.int64).reshape(arr.shape)
 
@@ -199,7 +210,7 @@ def compress(full: np.ndarray, uf: UnionFind) -> tuple[tuple[int, ...], np.ndarr
 
     Returns the remaining axes and the labels on them.
     """
-    canon = uf.canonical(full) if full.size <= 4_000_000 else full
+    canon = uf.canonical(full)
     keep_axes = []
     for ax in range(full.ndim):
         if full.shape[ax] <= 1:

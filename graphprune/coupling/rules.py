@@ -110,10 +110,8 @@ class ConvRule(Rule):
         if groups == 1:
             add_param_member(st, w, 1, "in", xin, node)
         else:
-            n_in, n_out = len(xin) // groups, out_c // groups
-            for g in range(groups):
-                block = np.concatenate([xin[g * n_in:(g + 1) * n_in], out[g * n_out:(g + 1) * n_out]])
-                st.uf.union_arrays(block[:1], block)
+            blocks = np.concatenate([xin.reshape(groups, -1), out.reshape(groups, -1)], axis=1)
+            st.uf.union_arrays(blocks[:, :1], blocks)
         add_param_member(st, w, 0, "out", out, node)
         add_param_member(st, b, 0, "out", out, node)
         rest = fix_axes(st, st.get(x), range(2, x.rank), f"{node.describe()}: labelled spatial axis")
@@ -325,7 +323,40 @@ class ReshapeRule(Rule):
                 st.uf.union_arrays(first, lab)
             index = tuple(slice(None) if a in dyn else 0 for a in new_axes)
             lm[tuple(dyn)] = np.ascontiguousarray(lab[index])
+        self._tie_sources(node, st, lm)
         st.set(out, lm)
+
+    @staticmethod
+    def _tie_sources(node, st, lm: LabelMap) -> None:
+        """An output size read from a tensor's axis keeps that axis's width.
+
+        If the output axis carries the same channels (a permutation, as in a
+        channel shuffle) the widths agree after any pruning; otherwise the two
+        axes are unified position by position, or fixed if that is impossible.
+        """
+        why = f"{node.describe()}: size read from another tensor's shape"
+        for axis, src in enumerate(node.attrs.get("sources") or []):
+            if src is None:
+                continue
+            other, oaxis = node.inputs[src[0]], src[1] % node.inputs[src[0]].rank
+            ent = lm.get((axis,))
+            src_lab = st.get(other).get((oaxis,))
+            if ent is not None and src_lab is not None and _same_classes(st, ent, src_lab):
+                continue
+            if ent is None and not any(oaxis in k for k in st.get(other)):
+                continue
+            if ent is not None and len(ent) == other.shape[oaxis]:
+                st.uf.union_arrays(ent, channel_ids(st, other, oaxis, why))
+                continue
+            for axes in [k for k in lm if axis in k]:
+                st.fix(lm.pop(axes), why)
+            src_ent = [a for k, a in st.get(other).items() if oaxis in k]
+            for a in src_ent:
+                st.fix(a, why)
+
+
+def _same_classes(st, a: np.ndarray, b: np.ndarray) -> bool:
+    return len(a) == len(b) and np.array_equal(np.sort(st.uf.canonical(a)), np.sort(st.uf.canonical(b)))
 
 
 @register("expand")

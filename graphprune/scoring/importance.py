@@ -40,47 +40,47 @@ def get_importance(spec) -> "Importance":
 
 
 class Importance:
-    """Base class.  Subclasses implement :meth:`slice_score`."""
+    """Base class.  Subclasses implement :meth:`position_scores`, or
+    override ``__call__`` to score units directly."""
 
     name = "base"
 
-    def slice_score(self, values: np.ndarray) -> float:  # pragma: no cover - abstract
+    def position_scores(self, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """One score per row of ``rows`` (``[positions, -1]``); rows of a unit are summed."""
         raise NotImplementedError
 
-    def finish(self, total: float) -> float:
-        return total
+    def finish(self, totals: np.ndarray) -> np.ndarray:
+        return totals
 
     def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         index = {u: i for i, u in enumerate(group.units)}
         totals = np.zeros(len(group.units), dtype=np.float64)
         for m in group.members:
-            if m.is_buffer:
+            if m.is_buffer or not m.indices:
                 continue
-            arr = np.moveaxis(np.asarray(arrays[m.param], dtype=np.float64), m.axis, 0)
-            flat = arr.reshape(arr.shape[0], -1)
-            per_pos = np.array([self.slice_score(flat[p]) for p in m.indices]) if len(m.indices) else []
-            for u, s in zip(m.units, per_pos):
-                totals[index[u]] += s
-        return np.array([self.finish(t) for t in totals])
+            arr = np.moveaxis(np.asarray(arrays[m.param]), m.axis, 0)
+            rows = arr.reshape(arr.shape[0], -1)[list(m.indices)].astype(np.float64)
+            np.add.at(totals, [index[u] for u in m.units], self.position_scores(rows))
+        return self.finish(totals)
 
 
 @register_importance("l1")
 class L1Importance(Importance):
     """Sum of absolute values of every slice of the unit."""
 
-    def slice_score(self, values):
-        return float(np.abs(values).sum())
+    def position_scores(self, rows):
+        return np.abs(rows).sum(axis=1)
 
 
 @register_importance("l2")
 class L2Importance(Importance):
     """Euclidean norm of all slices of the unit taken together."""
 
-    def slice_score(self, values):
-        return float(np.square(values).sum())
+    def position_scores(self, rows):
+        return np.square(rows).sum(axis=1)
 
-    def finish(self, total):
-        return float(np.sqrt(total))
+    def finish(self, totals):
+        return np.sqrt(totals)
 
 
 @register_importance("random")
