@@ -65,7 +65,8 @@ def classifier_layers(model):
 
 def blank(name: str, tool: str, stage: str, error: str | None = None) -> dict:
     return {"model": name, "tool": tool, "ok": False, "stage": stage, "error": error, "times": [], "time": None,
-            "runs": False, "shape_ok": False, "params_kept": None, "macs_kept": None, "verified": None, "lossy": None}
+            "runs": False, "shape_ok": False, "params_kept": None, "macs_kept": None, "verified": None, "lossy": None,
+            "cpu_times": []}
 
 
 def one_line(stage: str, err: BaseException) -> str:
@@ -79,12 +80,13 @@ def _prune_gp(model, x, ratio, repeats, res):
 
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res["stage"] = "plan"
         plan = gp.plan(model, x, ratio=ratio, importance="l2", ignore=classifier_layers(model))
         res["stage"] = "apply"
         slim = gp.apply(model, plan)
         times.append(time.perf_counter() - t0)
+        res["cpu_times"].append(time.process_time() - c0)  # JSON only: steadier than wall time under load
     return slim, times, plan
 
 
@@ -96,13 +98,14 @@ def _prune_tp(model, x, ratio, repeats, res):
     times = []
     for _ in range(repeats):
         pruned = copy.deepcopy(model)  # TP prunes in place; copying is not timed
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res["stage"] = "MetaPruner"
         pruner = tp.pruner.MetaPruner(pruned, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                       pruning_ratio=ratio, ignored_layers=classifier_layers(pruned))
         res["stage"] = "step"
         pruner.step()
         times.append(time.perf_counter() - t0)
+        res["cpu_times"].append(time.process_time() - c0)  # JSON only: steadier than wall time under load
     return pruned, times, None
 
 

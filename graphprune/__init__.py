@@ -8,8 +8,14 @@
 
 from .api import analyze, apply, plan, prune, verify
 from .coupling import list_rules
-from .errors import (CaptureError, GraphPruneError, InvalidArgumentError, PlanError,
-                     UnsupportedOpError, VerificationError)
+from .errors import (
+                     CaptureError,
+                     GraphPruneError,
+                     InvalidArgumentError,
+                     PlanError,
+                     UnsupportedOpError,
+                     VerificationError,
+)
 from .metrics import count_macs, count_params
 from .planning.plan import PlanGroup, PlanMember, PruningPlan
 from .scoring import Importance, list_importance, register_importance

@@ -5,7 +5,7 @@ message template; the user's model is never modified unless ``inplace=True``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ def resolve_ignore(model: nn.Module, ignore) -> set[str]:
                 out.add(item)
                 continue
             if item not in module_names:
-                raise InvalidArgumentError(f"ignore names '{item}', which is neither a module nor a parameter of {type(model).__name__}")
+                raise InvalidArgumentError(
+                    f"ignore names '{item}', which is neither a module nor a parameter of {type(model).__name__}")
             prefix = item
         else:
             raise _bad("ignore", "modules or qualified names", item)

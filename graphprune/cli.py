@@ -56,7 +56,8 @@ def cmd_prune(args) -> int:
     print(f"params     {_fmt(p0)} -> {_fmt(p1)}  ({p1 / p0:.1%} kept)")
     print(f"MACs       {_fmt(m0)} -> {_fmt(m1)}  ({m1 / m0:.1%} kept)")
     report = gp.verify(model, slim, plan, x)
-    print(f"oracle     max |output diff| {report.max_abs_diff:.3g} vs the zeroed original (output scale {report.scale:.3g}): OK")
+    print(f"oracle     max |output diff| {report.max_abs_diff:.3g} vs the zeroed original "
+          f"(output scale {report.scale:.3g}): OK")
     if report.lossy_groups:
         print(f"lossy      {len(report.lossy_groups)} groups cross LayerNorm/attention statistics; "
               f"they move outputs by up to {report.lossy_max_abs_diff:.3g}")

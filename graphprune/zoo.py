@@ -14,14 +14,31 @@ from .errors import InvalidArgumentError
 DEFAULT_MODEL = "torchvision:resnet50"
 
 
-def input_size(name: str) -> int:
-    """Input side that the torchvision classifier ``name`` expects."""
+def input_size(name: str, small: bool = False) -> int:
+    """Input side for the torchvision classifier ``name``.
+
+    ``small=True`` gives the smallest side that the architecture accepts
+    comfortably (ViT and MaxViT are tied to 224), for fast tests.
+    """
+    if name.startswith(("vit_", "maxvit")):
+        return 224
     if name.startswith("inception"):
-        return 299
-    return 224
+        return 128 if small else 299
+    return 64 if small else 224
 
 
-def build(spec: str) -> tuple[torch.nn.Module, torch.Tensor]:
+def classifier(model: torch.nn.Module, num_classes: int = 1000) -> torch.nn.Module | None:
+    """The last Linear/Conv layer producing ``num_classes`` outputs."""
+    found = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.out_features == num_classes:
+            found = m
+        elif isinstance(m, torch.nn.Conv2d) and m.out_channels == num_classes:
+            found = m
+    return found
+
+
+def build(spec: str, small: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
     """Return ``(model, example_input)`` for a ``family:name`` spec, in eval mode."""
     family, _, name = spec.partition(":")
     if family != "torchvision" or not name:
@@ -38,7 +55,7 @@ def build(spec: str) -> tuple[torch.nn.Module, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None).eval()
-    size = input_size(name)
+    size = input_size(name, small)
     return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 

@@ -169,8 +169,8 @@ def _split(ctx, node):
     dim = _arg(node, 2, "dim", 0)
     shapes = ctx.out_shapes(node)
     sizes = [s[dim] for s in shapes]
-    arg = _arg(node, 1, "chunks" if name == "chunk" else "split_size_or_sections")
-    equal = name == "chunk" or isinstance(arg, int)
+    # chunk(n) cuts the current width in n; split(k) cuts pieces of literal size k.
+    equal = name == "chunk"
     ctx.emit("split", [ctx.value(x)], {"axis": dim, "sizes": sizes, "equal": equal})
 
 

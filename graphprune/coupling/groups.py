@@ -9,7 +9,6 @@ of its positions.)
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np

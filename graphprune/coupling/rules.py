@@ -16,7 +16,7 @@ import numpy as np
 
 from .labels import CouplingState, LabelMap, compress, materialise, shift_axes
 
-RULES: dict[str, "Rule"] = {}
+RULES: dict[str, Rule] = {}
 
 
 def register(*kinds: str):

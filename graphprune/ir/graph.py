@@ -14,8 +14,9 @@ Nothing in this package imports torch or onnx.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import IRLintError
 
@@ -41,8 +42,8 @@ class Value:
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
     param: Param | None = None
-    producer: "Node | None" = None
-    uses: list[tuple["Node", int]] = field(default_factory=list)
+    producer: Node | None = None
+    uses: list[tuple[Node, int]] = field(default_factory=list)
 
     @property
     def rank(self) -> int:

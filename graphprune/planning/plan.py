@@ -55,7 +55,7 @@ class PruningPlan:
                 out.setdefault((m.name, m.axis), set()).update(m.removed)
         return out
 
-    def subset(self, keep_group) -> "PruningPlan":
+    def subset(self, keep_group) -> PruningPlan:
         """The plan restricted to groups for which ``keep_group(g)`` is true."""
         return PruningPlan(tuple(g for g in self.groups if keep_group(g)), dict(self.meta))
 
@@ -75,7 +75,7 @@ class PruningPlan:
                            "groups": [asdict(g) for g in self.groups]}, indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "PruningPlan":
+    def from_json(cls, text: str) -> PruningPlan:
         try:
             data = json.loads(text)
             groups = tuple(

@@ -8,7 +8,7 @@ that is possible without emptying the group or exceeding the prunable units.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -8,14 +8,14 @@ Buffers (running statistics) never contribute.  Higher means more important.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from ..coupling.groups import Group
 from ..errors import InvalidArgumentError
 
-IMPORTANCE: dict[str, type["Importance"]] = {}
+IMPORTANCE: dict[str, type[Importance]] = {}
 
 
 def register_importance(name: str):
@@ -30,7 +30,7 @@ def list_importance() -> list[str]:
     return sorted(IMPORTANCE)
 
 
-def get_importance(spec) -> "Importance":
+def get_importance(spec) -> Importance:
     """Accept a registered name or an :class:`Importance` instance."""
     if isinstance(spec, Importance):
         return spec

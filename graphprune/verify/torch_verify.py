@@ -88,7 +88,11 @@ def verify_torch(original, pruned, plan: PruningPlan, inputs, atol=0.0, rtol=1e-
     ref_out = run(zeroed_reference(original, exact_plan), inputs)
     scale = max((float(t.abs().max()) for t in ref_out), default=0.0)
     tol = atol + rtol * scale
-    diff = max_diff(ref_out, run(candidate, inputs))
+    try:
+        diff = max_diff(ref_out, run(candidate, inputs))
+    except Exception as err:  # a rewrite that does not even run is a failed verification
+        raise VerificationError(f"pruned model fails to run: {type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:200]}") from err
     if not diff <= tol:
         worst = _worst_group(original, exact_plan, inputs)
         raise VerificationError(

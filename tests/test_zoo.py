@@ -1,0 +1,52 @@
+"""Every torchvision classification model: prune 50% of channels, exactly.
+
+For each model (classifier ignored): the pruned model runs, keeps its output
+shape, keeps at most 60% of the MACs, passes the oracle (exact for every
+group outside LayerNorm coupling, lossy ones reported), and the model passed
+in is bit-identical afterwards.  The heaviest models are marked slow; they run
+in ``benchmarks/zoo.py`` and with ``pytest -m slow``.
+"""
+
+import pytest
+import torch
+import torchvision
+from helpers import assert_untouched, snapshot
+
+import graphprune as gp
+from graphprune.zoo import build, classifier, lively_init
+
+ALL = torchvision.models.list_models(module=torchvision.models)
+SLOW = {
+    "vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf",
+    "regnet_x_16gf", "efficientnet_v2_l", "efficientnet_v2_m", "efficientnet_b7", "efficientnet_b6",
+    "efficientnet_b5", "convnext_large", "convnext_base", "swin_b", "swin_v2_b", "wide_resnet101_2",
+    "resnext101_64x4d", "resnext101_32x8d", "vgg19_bn", "vgg19", "vgg16_bn", "vgg16",
+}
+
+
+def params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
+def test_zoo_is_complete():
+    assert len(ALL) >= 80
+
+
+@pytest.mark.parametrize("name", params(ALL))
+def test_prune_half_the_channels(name):
+    torch.manual_seed(0)
+    model, x = build(f"torchvision:{name}", small=True)
+    lively_init(model)
+    snap = snapshot(model)
+    head = classifier(model)
+    plan = gp.plan(model, x, ratio=0.5, ignore=[head] if head is not None else None)
+    slim = gp.apply(model, plan)
+    assert_untouched(model, snap)
+    with torch.no_grad():
+        assert slim(x).shape == model(x).shape
+    kept = gp.count_macs(slim, x) / gp.count_macs(model, x)
+    assert kept <= 0.60, f"only {1 - kept:.0%} of MACs removed"
+    report = gp.verify(model, slim, plan, x)
+    assert report.exact_groups > 0
+    assert report.max_abs_diff <= report.tolerance
+    assert set(report.lossy_groups) == set(plan.lossy_groups)
