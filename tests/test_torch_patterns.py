@@ -136,3 +136,18 @@ def test_inplace_modifies_and_returns_the_same_object():
     plan = gp.plan(model, x, ratio=0.5)
     slim = gp.apply(model, plan, inplace=True)
     assert slim is model and model.conv.out_channels == 8
+
+
+def test_verify_checks_the_given_model_when_groups_are_lossy():
+    model = lively(LayerScaleLN())
+    x = torch.randn(2, 3, 16, 16)
+    plan = gp.plan(model, x, ratio=0.5)
+    assert plan.lossy_groups
+    slim = gp.apply(model, plan)
+    with torch.no_grad():
+        slim.head.bias.add_(1.0)  # wrong, but runs
+    with pytest.raises(gp.VerificationError, match="rewrite of the plan"):
+        gp.verify(model, slim, plan, x)
+    slim.head = nn.Linear(3, 5)  # does not even run
+    with pytest.raises(gp.VerificationError, match="fails to run"):
+        gp.verify(model, slim, plan, x)
