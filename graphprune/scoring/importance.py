@@ -45,8 +45,8 @@ class Importance:
 
     name = "base"
 
-    def position_scores(self, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """One score per row of ``rows`` (``[positions, -1]``); rows of a unit are summed."""
+    def position_scores(self, values: np.ndarray, axis: int) -> np.ndarray:  # pragma: no cover - abstract
+        """One score per position of ``values`` along ``axis``; positions of a unit are summed."""
         raise NotImplementedError
 
     def finish(self, totals: np.ndarray) -> np.ndarray:
@@ -58,26 +58,29 @@ class Importance:
         for m in group.members:
             if m.is_buffer or not m.indices:
                 continue
-            arr = np.moveaxis(np.asarray(arrays[m.param]), m.axis, 0)
-            rows = arr.reshape(arr.shape[0], -1)[list(m.indices)].astype(np.float64)
-            np.add.at(totals, [index[u] for u in m.units], self.position_scores(rows))
+            scores = self.position_scores(np.asarray(arrays[m.param]), m.axis)
+            np.add.at(totals, [index[u] for u in m.units], scores[list(m.indices)])
         return self.finish(totals)
+
+
+def _others(values: np.ndarray, axis: int) -> tuple[int, ...]:
+    return tuple(a for a in range(values.ndim) if a != axis)
 
 
 @register_importance("l1")
 class L1Importance(Importance):
     """Sum of absolute values of every slice of the unit."""
 
-    def position_scores(self, rows):
-        return np.abs(rows).sum(axis=1)
+    def position_scores(self, values, axis):
+        return np.abs(values).sum(axis=_others(values, axis), dtype=np.float64)
 
 
 @register_importance("l2")
 class L2Importance(Importance):
     """Euclidean norm of all slices of the unit taken together."""
 
-    def position_scores(self, rows):
-        return np.square(rows).sum(axis=1)
+    def position_scores(self, values, axis):
+        return np.square(values).sum(axis=_others(values, axis), dtype=np.float64)
 
     def finish(self, totals):
         return np.sqrt(totals)
