@@ -289,6 +289,23 @@ def sweep(args) -> None:
                 f.write(text)
 
 
+def merge(args) -> None:
+    """Re-render one table from the JSON of earlier runs (no pruning)."""
+    import torchvision
+
+    records = [r for path in args.from_json.split(",") for r in json.load(open(path))]
+    by_model: dict[str, dict] = {}
+    for r in records:
+        by_model.setdefault(r["model"], {})[r["tool"]] = r
+    order = torchvision.models.list_models(module=torchvision.models)
+    results = {n: (by_model[n]["graphprune"], by_model[n]["torch-pruning"]) for n in order
+               if n in by_model and {"graphprune", "torch-pruning"} <= set(by_model[n])}
+    md = table(results, args).replace("\n\n", f"\n\nMerged from {args.from_json}.\n\n", 1)
+    print(md, end="")
+    with open(args.out, "w") as f:
+        f.write(md)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="", help="comma-separated torchvision names (default: all 80)")
@@ -300,6 +317,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "zoo.md"), help="markdown output")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
     p.add_argument("--skip-heavy", action="store_true", help=f"skip the biggest models ({', '.join(HEAVY)})")
+    p.add_argument("--from-json", default=None,
+                   help="comma-separated --json files of earlier runs: merge them into one table, prune nothing")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -307,6 +326,8 @@ def main(argv=None) -> None:
         p.error("--repeats must be >= 1 and --ratio in [0, 1)")
     if args.worker:
         print(MARK + json.dumps(worker(*args.worker, args.ratio, args.repeats)), flush=True)
+    elif args.from_json:
+        merge(args)
     else:
         sweep(args)
 
