@@ -17,6 +17,17 @@ from .errors import (
                      VerificationError,
 )
 from .metrics import count_macs, count_params
+from .onnx_api import (
+                       analyze_onnx,
+                       apply_onnx,
+                       count_macs_onnx,
+                       count_params_onnx,
+                       latency_onnx,
+                       plan_onnx,
+                       prune_onnx,
+                       save_onnx,
+                       verify_onnx,
+)
 from .planning.plan import PlanGroup, PlanMember, PruningPlan
 from .scoring import Importance, list_importance, register_importance
 
@@ -26,5 +37,6 @@ __all__ = [
     "analyze", "apply", "plan", "prune", "verify", "count_macs", "count_params", "list_rules",
     "PruningPlan", "PlanGroup", "PlanMember", "Importance", "list_importance", "register_importance",
     "GraphPruneError", "CaptureError", "InvalidArgumentError", "PlanError", "UnsupportedOpError",
-    "VerificationError",
+    "VerificationError", "analyze_onnx", "plan_onnx", "apply_onnx", "prune_onnx", "verify_onnx",
+    "count_params_onnx", "count_macs_onnx", "latency_onnx", "save_onnx",
 ]

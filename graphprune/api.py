@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from .apply.torch_apply import apply_torch
 from .capture.torch_fx import capture_torch
+from .checks import bad as _bad
+from .checks import check_ratio, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
 from .planning.plan import PruningPlan
@@ -21,19 +23,9 @@ from .scoring.importance import get_importance
 from .verify.torch_verify import VerifyReport, verify_torch
 
 
-def _bad(name: str, expected: str, got) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{name} must be {expected}, got {got!r}")
-
-
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise _bad("model", "a torch.nn.Module", type(model).__name__)
-
-
-def _check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise _bad("ratio", "a number in [0, 1)", ratio)
-    return float(ratio)
 
 
 def resolve_ignore(model: nn.Module, ignore) -> set[str]:
@@ -108,9 +100,8 @@ class _LazyArrays(dict):
 def plan(model: nn.Module, example_inputs, ratio: float = 0.5, importance="l2",
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False) -> PruningPlan:
     """Decide what to remove: ``ratio`` of the units of every prunable group."""
-    ratio = _check_ratio(ratio)
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise _bad("round_to", "a positive integer", round_to)
+    ratio = check_ratio(ratio)
+    round_to = check_round_to(round_to)
     scorer = get_importance(importance)
     coupling = analyze(model, example_inputs, ignore, strict)
     meta = {"model": type(model).__name__, "ratio": ratio, "importance": getattr(scorer, "name", "custom"),

@@ -75,10 +75,10 @@ class UnionFind:
             parent = nxt
 
     def canonical(self, arr: np.ndarray) -> np.ndarray:
-        if arr.size > 4096:
-            return self.roots()[arr]
-        flat = [self.find(int(x)) for x in arr.ravel()]
-        return np.asarray(flat, dtype=np.int64).reshape(arr.shape)
+        """Root of every id in ``arr`` (found once per distinct id)."""
+        uniq, inv = np.unique(np.asarray(arr), return_inverse=True)
+        roots = np.fromiter((self.find(int(x)) for x in uniq), dtype=np.int64, count=len(uniq))
+        return roots[inv].reshape(np.shape(arr))
 
 
 @dataclass

@@ -94,7 +94,8 @@ ELEMENTWISE = (
     "add", "sub", "mul", "div", "relu", "relu6", "silu", "gelu", "sigmoid", "tanh",
     "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish", "identity", "dropout",
     "stochastic_depth", "neg", "abs", "exp", "sqrt", "rsqrt", "pow", "clamp", "hardtanh",
-    "softplus", "erf",
+    "softplus", "erf", "log", "reciprocal", "where", "max", "min", "prelu", "floor", "ceil",
+    "round", "sign", "sin", "cos",
 )
 
 

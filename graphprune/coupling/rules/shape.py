@@ -60,11 +60,16 @@ class ReduceRule(Rule):
 
 @register("softmax")
 class SoftmaxRule(Rule):
-    """Softmax over a labelled axis mixes channels: they are fixed."""
+    """Softmax over a labelled axis mixes channels: they are fixed.
+
+    ``attrs['dims']`` (ONNX opset < 13 flattens every axis from ``axis`` on)
+    overrides ``attrs['dim']``.
+    """
 
     def apply(self, node, st):
         x = node.inputs[0]
-        rest = fix_axes(st, st.get(x), [node.attrs["dim"] % x.rank], f"{node.describe()}: softmax over channels")
+        dims = [d % x.rank for d in node.attrs.get("dims") or [node.attrs["dim"]]]
+        rest = fix_axes(st, st.get(x), dims, f"{node.describe()}: softmax over channels")
         lm = dict(rest)
         st.set(node.outputs[0], lm)
 
@@ -77,7 +82,11 @@ class ReshapeRule(Rule):
     An output axis whose size is a literal in the model's code
     (``attrs['static'][i]``) cannot shrink: labels are unified across it (a
     channel shuffle's group factor) or, if nothing else in the entry can
-    shrink, fixed.
+    shrink, fixed.  With ``attrs['rewritable']`` (ONNX: constant targets are
+    rewritten by apply) an entry spread over several non-static axes shrinks
+    along its largest one (the last on ties) and is unified across the others:
+    ``C -> [heads, head_dim]`` prunes head-dim positions in every head,
+    ``C -> [g, C/g]`` keeps a shuffle's groups.
     """
 
     def apply(self, node, st):
@@ -92,6 +101,9 @@ class ReshapeRule(Rule):
                 continue
             stat = [i for i, a in enumerate(new_axes) if static[a]]
             dyn = [a for a in new_axes if not static[a]]
+            if len(dyn) > 1 and node.attrs.get("rewritable"):
+                dyn = [max(dyn, key=lambda a: (out.shape[a], a))]
+                stat = [i for i, a in enumerate(new_axes) if a not in dyn]
             if len(dyn) != 1:
                 st.fix(arr, f"{node.describe()}: channel axis has a fixed size in the code")
                 continue
@@ -138,11 +150,21 @@ def _same_classes(st, a: np.ndarray, b: np.ndarray) -> bool:
 
 @register("expand")
 class ExpandRule(Rule):
-    """Broadcast size-1 axes (new leading axes allowed); labels shift along."""
+    """Broadcast size-1 axes (new leading axes allowed); labels shift along.
+
+    ``attrs['static'][i]`` marks output axes whose target size cannot be
+    rewritten (ONNX ``Expand`` shapes computed at run time): labels there are
+    fixed.
+    """
 
     def apply(self, node, st):
         x, out = node.inputs[0], node.outputs[0]
-        st.set(out, shift_axes(st.get(x), out.rank - x.rank))
+        lm = shift_axes(st.get(x), out.rank - x.rank)
+        static = node.attrs.get("static")
+        if static:
+            lm = fix_axes(st, lm, [i for i, s in enumerate(static) if s],
+                          f"{node.describe()}: target size cannot be rewritten")
+        st.set(out, lm)
 
 
 @register("cat")
@@ -178,7 +200,9 @@ class SplitRule(Rule):
 
     After pruning, an equal split cuts the *new* width evenly, so every chunk
     must keep the same positions: chunk ``k``'s labels are unified with chunk
-    0's.  Unequal literal sizes cannot follow a pruned axis: fixed.
+    0's.  Unequal literal sizes cannot follow a pruned axis: fixed.  With
+    ``attrs['rewritable']`` (ONNX ``Split`` sizes are rewritten by apply) each
+    piece simply keeps its own positions.
     """
 
     def apply(self, node, st):
@@ -189,9 +213,11 @@ class SplitRule(Rule):
         ent = lm.get((axis,))
         rest = fix_axes(st, {k: a for k, a in lm.items() if k != (axis,)}, [axis],
                         f"{node.describe()}: joint labels on split axis")
-        if ent is not None and not (node.attrs.get("equal") and len(set(sizes)) == 1):
+        if ent is None or node.attrs.get("rewritable"):
+            pass
+        elif not (node.attrs.get("equal") and len(set(sizes)) == 1):
             st.fix(ent, f"{node.describe()}: split sizes are literals")
-        elif ent is not None:
+        else:
             blocks = ent.reshape(len(sizes), sizes[0])
             st.uf.union_arrays(blocks[:1], blocks)
         start = 0
@@ -240,3 +266,31 @@ class IndexRule(Rule):
         st.set(node.outputs[0], {tuple(mapping[a] for a in k): v for k, v in rest.items()})
 
 
+
+
+@register("slice")
+class SliceRule(Rule):
+    """Strided slice with concrete bounds (ONNX ``Slice``).
+
+    ``attrs``: ``axes``, ``starts``, ``ends``, ``steps`` (normalised, within
+    the axis), and ``rewritable`` when apply can rewrite the bounds.  A
+    labelled axis sliced with step 1 and rewritable bounds keeps the labels
+    of the slice; any other cut of a labelled axis fixes it.  A full-range
+    slice passes everything through.
+    """
+
+    def apply(self, node, st):
+        x, out = node.inputs[0], node.outputs[0]
+        lm = dict(st.get(x))
+        a = node.attrs
+        why = f"{node.describe()}: slices a channel axis"
+        for axis, s, e, step in zip(a["axes"], a["starts"], a["ends"], a["steps"]):
+            axis %= x.rank
+            if step == 1 and s == 0 and e >= x.shape[axis]:
+                continue
+            ent = lm.get((axis,))
+            if ent is not None and step == 1 and a.get("rewritable"):
+                lm[(axis,)] = ent[s:e]
+                continue
+            lm = fix_axes(st, lm, [axis], why)
+        st.set(out, lm)
