@@ -7,6 +7,7 @@
 """
 
 from .api import analyze, apply, plan, prune, verify
+from .apply.onnx_export import export_onnx, fold_batchnorm
 from .coupling import list_rules
 from .errors import (
                      CaptureError,
@@ -38,5 +39,5 @@ __all__ = [
     "PruningPlan", "PlanGroup", "PlanMember", "Importance", "list_importance", "register_importance",
     "GraphPruneError", "CaptureError", "InvalidArgumentError", "PlanError", "UnsupportedOpError",
     "VerificationError", "analyze_onnx", "plan_onnx", "apply_onnx", "prune_onnx", "verify_onnx",
-    "count_params_onnx", "count_macs_onnx", "latency_onnx", "save_onnx",
+    "count_params_onnx", "count_macs_onnx", "latency_onnx", "save_onnx", "export_onnx", "fold_batchnorm",
 ]

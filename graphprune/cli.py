@@ -19,42 +19,64 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphprune", description="Make trained networks physically smaller.")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("prune", help="prune a model, verify it with the oracle and save it")
+    pr.add_argument("source", nargs="?", help="an .onnx file to prune (default: --model)")
     pr.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     pr.add_argument("--ratio", type=float, default=0.5, help="fraction of each group's channels to remove")
     pr.add_argument("--importance", default="l2", help="importance criterion (l1, l2, random)")
     pr.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
     pr.add_argument("--keep-classifier", action="store_true", default=True, help=argparse.SUPPRESS)
-    pr.add_argument("--out", default="slim.pt", help="where to write the pruned model (torch.save)")
+    pr.add_argument("-o", "--out", default=None,
+                    help="where to write the pruned model (default slim.pt, or <source>.slim.onnx)")
+    pr.add_argument("--export-onnx", default=None, metavar="PATH",
+                    help="also export the pruned PyTorch model to ONNX (BatchNorm folded, parity-checked)")
+    pr.add_argument("--strict", action="store_true", help="fail on ops without a coupling rule")
     ins = sub.add_parser("inspect", help="list the coupled groups of a model")
+    ins.add_argument("source", nargs="?", help="an .onnx file to inspect (default: --model)")
     ins.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     ins.add_argument("--all", action="store_true", help="also list groups that cannot be pruned")
     return p
 
 
-def _fmt(n: float) -> str:
+def fmt(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
 
 
+def _is_onnx(args) -> bool:
+    if args.source is None:
+        return False
+    if not args.source.endswith(".onnx"):
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"expected an .onnx file, got '{args.source}' (use --model for torchvision specs)")
+    return True
+
+
 def cmd_prune(args) -> int:
+    if _is_onnx(args):
+        from .cli_onnx import prune_onnx_file
+
+        return prune_onnx_file(args)
     import torch
 
     import graphprune as gp
     from graphprune.zoo import build
 
+    args.out = args.out or "slim.pt"
     model, x = build(args.model)
     print(f"model      {args.model}  ({type(model).__name__})")
     t0 = time.perf_counter()
-    plan = gp.plan(model, x, ratio=args.ratio, importance=args.importance, round_to=args.round_to)
+    plan = gp.plan(model, x, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
+                   strict=args.strict)
     slim = gp.apply(model, plan)
     took = time.perf_counter() - t0
     p0, p1 = gp.count_params(model), gp.count_params(slim)
     m0, m1 = gp.count_macs(model, x), gp.count_macs(slim, x)
     print(f"plan       {plan.summary()}  in {took:.2f}s")
-    print(f"params     {_fmt(p0)} -> {_fmt(p1)}  ({p1 / p0:.1%} kept)")
-    print(f"MACs       {_fmt(m0)} -> {_fmt(m1)}  ({m1 / m0:.1%} kept)")
+    print(f"params     {fmt(p0)} -> {fmt(p1)}  ({p1 / p0:.1%} kept)")
+    print(f"MACs       {fmt(m0)} -> {fmt(m1)}  ({m1 / m0:.1%} kept)")
     report = gp.verify(model, slim, plan, x)
     print(f"oracle     max |output diff| {report.max_abs_diff:.3g} vs the zeroed original "
           f"(output scale {report.scale:.3g}): OK")
@@ -68,16 +90,26 @@ def cmd_prune(args) -> int:
     with open(plan_path, "w") as f:
         f.write(plan.to_json(indent=1))
     print(f"wrote      {args.out} (torch.save of the module) and {plan_path}")
+    if args.export_onnx:
+        info = gp.export_onnx(slim, x, args.export_onnx)
+        print(f"exported   {args.export_onnx} ({info['folded_batchnorms']} BatchNorms folded; onnxruntime "
+              f"matches PyTorch to {info['max_abs_diff']:.3g})")
     return 0
 
 
 def cmd_inspect(args) -> int:
     import graphprune as gp
-    from graphprune.zoo import build
 
-    model, x = build(args.model)
-    coupling = gp.analyze(model, x)
-    print(f"{args.model}: {len(coupling.groups)} groups, captured with {coupling.method}")
+    if _is_onnx(args):
+        coupling = gp.analyze_onnx(args.source)
+        what = args.source
+    else:
+        from graphprune.zoo import build
+
+        model, x = build(args.model)
+        coupling = gp.analyze(model, x)
+        what = args.model
+    print(f"{what}: {len(coupling.groups)} groups, captured with {coupling.method}")
     print(f"{'id':>4} {'kind':8} {'width':>6} {'prunable':>8} {'members':>7}  producer / why not")
     for g in coupling.groups:
         if not g.n_prunable and not args.all:

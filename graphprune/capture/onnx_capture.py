@@ -63,6 +63,11 @@ class OnnxContext:
         self.values: dict[str, np.ndarray] = {}   # known constant tensors (shape data)
         self.elems: dict[str, list[Elem]] = {}    # provenance of 1-D/0-D shape data
         self.rewrites: list[dict] = []
+        self.transposed: dict[str, str] = {}      # Transpose output -> 2-D weight it transposes
+        self.readers: dict[str, list] = {}        # value name -> [(node, input index)]
+        for n in model.graph.node:
+            for i, name in enumerate(n.input):
+                self.readers.setdefault(name, []).append((n, i))
         self.index = 0
         self.current: onnx.NodeProto | None = None
 

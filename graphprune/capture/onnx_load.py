@@ -51,12 +51,20 @@ def _first(err: Exception) -> str:
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constants to initializers; small int initializers unshared (in place)."""
+    """Constants to initializers; ``Identity`` of an initializer becomes a copy
+    named by its output (exporters deduplicate equal tensors, e.g. zero biases
+    of unrelated layers, this way); small int initializers unshared.  In place."""
     g = model.graph
+    inits = {t.name: t for t in g.initializer}
     keep = []
     for node in g.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             g.initializer.append(_constant_tensor(node))
+        elif node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            g.initializer.append(copy)
         else:
             keep.append(node)
     if len(keep) != len(g.node):

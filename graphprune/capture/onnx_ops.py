@@ -102,7 +102,9 @@ def _gemm(ctx, node) -> None:
 
 def _matmul(ctx, node) -> None:
     a, b = node.input[0], node.input[1]
-    if ctx.is_float_init(b) and len(ctx.shape(b)) == 2 and ctx.rank(a) >= 2:
+    if b in ctx.transposed and ctx.rank(a) >= 2:
+        _linear(ctx, a, ctx.transposed[b], "", 0)
+    elif ctx.is_float_init(b) and len(ctx.shape(b)) == 2 and ctx.rank(a) >= 2:
         _linear(ctx, a, b, "", 1)
     elif ctx.is_float_init(a) or ctx.is_float_init(b):
         _barrier(ctx, node)
@@ -198,9 +200,17 @@ def _flatten_like(ctx, node) -> None:
 
 
 def _transpose(ctx, node) -> None:
-    r = ctx.rank(node.input[0])
-    perm = ctx.attr("perm") or list(range(r))[::-1]
-    ctx.emit("permute", [ctx.data(node.input[0])], {"perm": list(perm)})
+    """A transposed 2-D weight read only as ``MatMul``'s right operand is folded
+    into that ``linear`` (``x @ W.T`` with ``W`` of shape ``[O, I]``)."""
+    x, out = node.input[0], node.output[0]
+    r = ctx.rank(x)
+    perm = list(ctx.attr("perm") or list(range(r))[::-1])
+    readers = ctx.readers.get(out, [])
+    if ctx.is_float_init(x) and perm == [1, 0] and readers and all(
+            n.op_type == "MatMul" and i == 1 for n, i in readers):
+        ctx.transposed[out] = x
+        return
+    ctx.emit("permute", [ctx.data(x)], {"perm": perm})
 
 
 def _reduce(ctx, node) -> None:
