@@ -174,27 +174,47 @@ def _drop_attr(node, name) -> None:
 REWRITES = {"reshape": _rw_reshape, "expand": _rw_expand, "group": _rw_group, "slice": _rw_slice}
 
 
+class OnnxRewriter:
+    """Applies plans to one ONNX model; the capture and coupling are computed
+    once, on first use, and every :meth:`apply` works on a fresh copy."""
+
+    def __init__(self, model: onnx.ModelProto, inputs=None):
+        self.model = model
+        self.inputs = inputs
+        self._prepared = None
+
+    def _prepare(self):
+        if self._prepared is None:
+            cap = capture_onnx(self.model, self.inputs)
+            self._prepared = (cap, run_rules(cap.graph))
+        return self._prepared
+
+    def apply(self, plan: PruningPlan, check: bool = True) -> onnx.ModelProto:
+        """Return a new, smaller ``ModelProto`` (the model given is not modified)."""
+        cap, st = self._prepare()
+        m = onnx.ModelProto()
+        m.CopyFrom(cap.model)
+        inits = {t.name: t for t in m.graph.initializer}
+        widths = NewWidths(st, removed_roots(st, plan, inits))
+        _slice_initializers(plan, inits)
+        edits = IntEdits(inits)
+        opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+        for rw in cap.rewrites:
+            node = m.graph.node[rw["node"]]
+            fn = REWRITES.get(rw["kind"])
+            if rw["kind"] == "split":
+                fn = _rw_split_input if rw["input"] else _rw_split
+            fn(node, rw, widths, edits, opset)
+        edits.write()
+        _finish(m, inits)
+        if check:
+            onnx.checker.check_model(m, full_check=True)
+        return m
+
+
 def apply_onnx(model: onnx.ModelProto, plan: PruningPlan, inputs=None, check: bool = True) -> onnx.ModelProto:
     """Return a new, smaller ``ModelProto`` (``model`` is not modified)."""
-    cap = capture_onnx(model, inputs)
-    m = cap.model
-    inits = {t.name: t for t in m.graph.initializer}
-    st = run_rules(cap.graph)
-    widths = NewWidths(st, removed_roots(st, plan, inits))
-    _slice_initializers(plan, inits)
-    edits = IntEdits(inits)
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-    for rw in cap.rewrites:
-        node = m.graph.node[rw["node"]]
-        fn = REWRITES.get(rw["kind"])
-        if rw["kind"] == "split":
-            fn = _rw_split_input if rw["input"] else _rw_split
-        fn(node, rw, widths, edits, opset)
-    edits.write()
-    _finish(m, inits)
-    if check:
-        onnx.checker.check_model(m, full_check=True)
-    return m
+    return OnnxRewriter(model, inputs).apply(plan, check)
 
 
 def _finish(m: onnx.ModelProto, inits: dict) -> None:

@@ -92,7 +92,11 @@ def export_onnx(model: nn.Module, example_inputs, path: str, dynamic_batch: bool
     if kwargs:
         raise CaptureError("export_onnx takes positional example inputs (a tensor or a tuple of tensors)")
     slim, folded = fold_batchnorm(model) if fold_bn else (copy.deepcopy(model).eval(), 0)
-    expected = run(model, example_inputs)
+    try:
+        expected = run(model, example_inputs)
+    except Exception as err:
+        raise CaptureError(f"{type(model).__name__} does not run on the example inputs: "
+                           f"{type(err).__name__}: {str(err).strip()[:150]}") from err
     names = ([f"input{i}" if len(args) > 1 else "input" for i in range(len(args))],
              [f"output{i}" if len(expected) > 1 else "output" for i in range(len(expected))])
     folder = os.path.dirname(os.path.abspath(path))

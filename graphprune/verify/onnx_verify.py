@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..apply.onnx_apply import apply_onnx
+from ..apply.onnx_apply import OnnxRewriter
 from ..capture.onnx_load import normalise
 from ..planning.plan import PruningPlan
 from .oracle import VerifyReport, check
@@ -53,9 +53,10 @@ class OnnxBackend:
     def __init__(self, original: onnx.ModelProto, inputs: dict):
         self.original = original
         self.inputs = inputs
+        self.rewriter = OnnxRewriter(original, inputs)
 
     def apply(self, plan):
-        return apply_onnx(self.original, plan, self.inputs, check=False)
+        return self.rewriter.apply(plan, check=False)
 
     def zeroed(self, plan):
         return zeroed_onnx(self.original, plan)
