@@ -62,6 +62,7 @@ class OnnxContext:
         self.env: dict[str, object] = {}
         self.values: dict[str, np.ndarray] = {}   # known constant tensors (shape data)
         self.elems: dict[str, list[Elem]] = {}    # provenance of 1-D/0-D shape data
+        self.deps: dict[str, set] = {}            # shape data -> {(value name, axis)} it was computed from
         self.rewrites: list[dict] = []
         self.transposed: dict[str, str] = {}      # Transpose output -> 2-D weight it transposes
         self.readers: dict[str, list] = {}        # value name -> [(node, input index)]
@@ -109,12 +110,25 @@ class OnnxContext:
             t = self.inits[name]
             v = self.graph.add_param(name, tuple(t.dims), False,
                                      helper.tensor_dtype_to_np_dtype(t.data_type).name)
+        elif self.deps.get(name):
+            v = self._shape_read(name)
         elif name in self.shapes:
             v = self.graph.add_input(f"const:{name}", self.shapes[name], self.dtypes.get(name))
         else:
             raise CaptureError(f"{self.where()} reads '{name}', which is neither produced nor an initializer")
         self.env[name] = v
         return v
+
+    def _shape_read(self, name: str):
+        """Shape data used as tensor data (a softmax scale from ``q``'s width):
+        an IR node reading the tensors whose dimensions it was computed from."""
+        deps = sorted(d for d in self.deps[name] if d[0] in self.env)
+        srcs = sorted({d[0] for d in deps})
+        inputs = [self.env[s] for s in srcs]
+        reads = [(srcs.index(v), axis) for v, axis in deps]
+        ir = self.graph.add_node("shape_read", inputs, [self.shapes.get(name, ())], name=f"shape_read:{name}",
+                                 attrs={"reads": reads}, source=f"ONNX shape data '{name}' used as a tensor")
+        return ir.outputs[0]
 
     def attr(self, name: str, default=None):
         for a in self.current.attribute:

@@ -143,37 +143,27 @@ def input_shapes(model: onnx.ModelProto, inputs: dict | None = None, batch: int 
     return shapes
 
 
-def _fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:
-    """A copy with concrete input dims; big float initializers become typed
-    inputs (inference needs their shapes, not their bytes)."""
+def _fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple], strip: bool = True) -> onnx.ModelProto:
+    """A copy with concrete input dims and no value_info.  With ``strip``, big
+    float initializers become typed inputs (inference needs their shapes,
+    not their bytes)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.value_info[:]
-    small = []
-    for t in m.graph.initializer:
-        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or int(np.prod(t.dims)) <= SMALL_INT:
-            small.append(t)
-        else:
-            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(small)
-    for v in m.graph.input:
-        if v.name in shapes:
-            dims = v.type.tensor_type.shape.dim
-            for d, n in zip(dims, shapes[v.name]):
-                d.Clear()
-                d.dim_value = int(n)
-    return m
-
-
-def _fix_input_dims_full(model, shapes):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
     for v in m.graph.input:
         if v.name in shapes:
             for d, n in zip(v.type.tensor_type.shape.dim, shapes[v.name]):
                 d.Clear()
                 d.dim_value = int(n)
+    if strip:
+        small = []
+        for t in m.graph.initializer:
+            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or int(np.prod(t.dims)) <= SMALL_INT:
+                small.append(t)
+            else:
+                m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(small)
     return m
 
 
@@ -202,7 +192,7 @@ def infer_shapes(model: onnx.ModelProto, shapes_in: dict[str, tuple]):
         dtypes[t.name] = helper.tensor_dtype_to_np_dtype(t.data_type).name
     missing = [o for n in g.node for o in n.output if o and o not in shapes]
     if missing:
-        _measure(_fix_input_dims_full(model, shapes_in), shapes_in, missing, shapes, dtypes)
+        _measure(_fix_input_dims(model, shapes_in, strip=False), shapes_in, missing, shapes, dtypes)
     return shapes, dtypes
 
 

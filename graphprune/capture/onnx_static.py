@@ -34,7 +34,11 @@ def try_static(ctx, node) -> bool:
         _shape(ctx, node)
         return True
     values = _evaluate(ctx, node)
+    deps = set().union(*(ctx.deps.get(i, set()) for i in ins)) if ins else set()
+    if node.op_type == "Size":
+        deps |= {(node.input[0], a) for a in range(ctx.rank(node.input[0]))}
     for i, out in enumerate(o for o in node.output if o):
+        ctx.deps[out] = deps
         val = values[i] if values is not None else None
         ctx.values[out] = val
         ctx.elems[out] = _elems(ctx, node, i, val)
@@ -48,6 +52,7 @@ def _shape(ctx, node) -> None:
     end = ctx.attr("end", rank)
     axes = list(range(rank))[slice(start, end)]
     dims = ctx.shape(src)
+    ctx.deps[node.output[0]] = {(src, a) for a in axes}
     ctx.values[node.output[0]] = np.array([dims[a] for a in axes], dtype=np.int64)
     ctx.elems[node.output[0]] = [Elem("dim", int(dims[a]), (src, a)) for a in axes]
 

@@ -294,3 +294,19 @@ class SliceRule(Rule):
                 continue
             lm = fix_axes(st, lm, [axis], why)
         st.set(out, lm)
+
+
+@register("shape_read")
+class ShapeReadRule(Rule):
+    """A tensor computed from other tensors' sizes (``attrs['reads']``: input
+    index, axis) and used as data, e.g. an attention scale ``1/sqrt(d)``.
+    Pruning a read axis changes the value, so its channels are lossy."""
+
+    def apply(self, node, st):
+        for idx, axis in node.attrs["reads"]:
+            v = node.inputs[idx]
+            for axes, arr in st.get(v).items():
+                if axis % v.rank in axes:
+                    st.mark_lossy(arr)
+        for out in node.outputs:
+            st.set(out, {})
