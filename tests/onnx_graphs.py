@@ -78,10 +78,11 @@ def mlp() -> onnx.ModelProto:
     return model(nodes, [vi("x", ["N", 16])], [vi("y", ["N", 5])], inits)
 
 
-def transformer_block(tokens=6, embed=16, heads=2) -> onnx.ModelProto:
+def transformer_block(tokens=6, embed=16, heads=2, computed_scale=False) -> onnx.ModelProto:
     """Attention with packed qkv, Split with constant sizes, constant reshape
     targets, Softmax, a Shape -> Gather -> Concat reshape target, residuals,
-    LayerNormalization, MLP."""
+    LayerNormalization, MLP.  ``computed_scale``: the softmax scale is
+    ``1/sqrt(q.shape[-1])`` computed in the graph, as TorchScript exports do."""
     d = embed // heads
     n = helper.make_node
     nodes = [
@@ -95,7 +96,7 @@ def transformer_block(tokens=6, embed=16, heads=2) -> onnx.ModelProto:
         n("Reshape", ["v", "heads_v"], ["v4"], name="v.view"),
         n("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3], name="v.t"),
         n("MatMul", ["qh", "kh"], ["s0"], name="scores"),
-        n("Mul", ["s0", "scale"], ["s"], name="scale"),
+        n("Mul", ["s0", "scale_t" if computed_scale else "scale"], ["s"], name="scale"),
         n("Softmax", ["s"], ["p"], axis=-1, name="softmax"),
         n("MatMul", ["p", "vh"], ["o4"], name="context"),
         n("Transpose", ["o4"], ["o3"], perm=[0, 2, 1, 3], name="o.t"),
@@ -114,7 +115,14 @@ def transformer_block(tokens=6, embed=16, heads=2) -> onnx.ModelProto:
         n("Add", ["m3", "b2"], ["m4"], name="mlp2.bias"),
         n("Add", ["r1", "m4"], ["y"], name="residual2"),
     ]
-    inits = [f32("wqkv", (embed, 3 * embed)), f32("bqkv", (3 * embed,)), i64("split", [embed] * 3),
+    if computed_scale:
+        nodes[10:10] = [n("Shape", ["qh"], ["qs"], name="q.shape"),
+                        n("Gather", ["qs", "last"], ["qd"], axis=0, name="q.head_dim"),
+                        n("Cast", ["qd"], ["qdf"], to=TensorProto.FLOAT, name="q.head_dim.float"),
+                        n("Sqrt", ["qdf"], ["qsq"], name="sqrt"),
+                        n("Reciprocal", ["qsq"], ["scale_t"], name="inv")]
+    inits = [i64("last", -1)] if computed_scale else []
+    inits += [f32("wqkv", (embed, 3 * embed)), f32("bqkv", (3 * embed,)), i64("split", [embed] * 3),
              i64("heads_q", [1, tokens, heads, d]), i64("heads_k", [1, tokens, heads, d]),
              i64("heads_v", [1, tokens, heads, d]), numpy_helper.from_array(np.float32(d ** -0.5), "scale"),
              i64("idx01", [0, 1]), i64("width", [embed]), f32("wo", (embed, embed)), f32("bo", (embed,)),

@@ -89,3 +89,12 @@ def test_prune_onnx_one_call_equals_plan_then_apply(build):
     slim = gp.prune_onnx(m, ratio=0.3)
     plan = gp.plan_onnx(m, ratio=0.3)
     assert slim.SerializeToString() == gp.apply_onnx(m, plan).SerializeToString()
+
+
+def test_scale_computed_from_head_width_makes_attention_lossy():
+    m = transformer_block(computed_scale=True)
+    x = {"x": np.random.default_rng(4).standard_normal((1, 6, 16)).astype(np.float32)}
+    plan, slim, report = _prune(m, x)
+    lossy = [g for g in plan.groups if g.lossy]
+    assert len(lossy) == 1 and any(mem.name == "wqkv" for mem in lossy[0].members)
+    assert report.lossy_max_abs_diff > report.tolerance, "the scale really changes"
