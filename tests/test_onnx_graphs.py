@@ -98,3 +98,17 @@ def test_scale_computed_from_head_width_makes_attention_lossy():
     lossy = [g for g in plan.groups if g.lossy]
     assert len(lossy) == 1 and any(mem.name == "wqkv" for mem in lossy[0].members)
     assert report.lossy_max_abs_diff > report.tolerance, "the scale really changes"
+
+
+def test_external_data_file_and_metadata_are_kept(tmp_path):
+    m = conv_net()
+    m.metadata_props.add(key="author", value="tests")
+    path = tmp_path / "ext.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    plan = gp.plan_onnx(str(path), ratio=0.5)
+    slim = gp.apply_onnx(str(path), plan)
+    assert slim.opset_import == m.opset_import and slim.producer_name == "tests"
+    assert {p.key: p.value for p in slim.metadata_props} == {"author": "tests"}
+    gp.verify_onnx(str(path), slim, plan)
