@@ -14,11 +14,11 @@ import torch.nn as nn
 from .apply.torch_apply import apply_torch
 from .capture.torch_fx import capture_torch
 from .checks import bad as _bad
-from .checks import check_ratio, check_round_to
+from .checks import check_budget, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
+from .planning.budget import make_plan
 from .planning.plan import PruningPlan
-from .planning.planner import uniform_plan
 from .scoring.importance import get_importance
 from .verify.torch_verify import VerifyReport, verify_torch
 
@@ -97,16 +97,23 @@ class _LazyArrays(dict):
         return arr
 
 
-def plan(model: nn.Module, example_inputs, ratio: float = 0.5, importance="l2",
-         ignore: Iterable | None = None, round_to: int = 1, strict: bool = False) -> PruningPlan:
-    """Decide what to remove: ``ratio`` of the units of every prunable group."""
-    ratio = check_ratio(ratio)
+def plan(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2",
+         ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
+         macs: float | None = None, params: float | None = None) -> PruningPlan:
+    """Decide what to remove (the model is untouched).
+
+    One budget: ``ratio`` (fraction of every group's units to remove, default
+    0.5), or ``macs`` / ``params`` (fraction of the dense model to keep,
+    met by the smallest uniform ratio that reaches it).
+    """
+    kind, value = check_budget(ratio, macs, params)
     round_to = check_round_to(round_to)
     scorer = get_importance(importance)
     coupling = analyze(model, example_inputs, ignore, strict)
-    meta = {"model": type(model).__name__, "ratio": ratio, "importance": getattr(scorer, "name", "custom"),
-            "round_to": round_to, "capture": coupling.method, "barriers": coupling.barriers}
-    return uniform_plan(coupling.groups, _LazyArrays(model), scorer, ratio, round_to, meta)
+    meta = {"model": type(model).__name__, "ratio": value if kind == "ratio" else None,
+            "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": coupling.method,
+            "barriers": coupling.barriers}
+    return make_plan(coupling, _LazyArrays(model), scorer, kind, value, round_to, meta)
 
 
 def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
@@ -117,11 +124,12 @@ def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Modu
     return apply_torch(model, plan, inplace=inplace)
 
 
-def prune(model: nn.Module, example_inputs, ratio: float = 0.5, importance="l2", ignore=None,
-          round_to: int = 1, strict: bool = False, inplace: bool = False) -> nn.Module:
+def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2", ignore=None,
+          round_to: int = 1, strict: bool = False, inplace: bool = False, macs: float | None = None,
+          params: float | None = None) -> nn.Module:
     """``plan`` then ``apply`` in one call."""
     p = plan(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore,
-             round_to=round_to, strict=strict)
+             round_to=round_to, strict=strict, macs=macs, params=params)
     return apply(model, p, inplace=inplace)
 
 

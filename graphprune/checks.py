@@ -19,3 +19,22 @@ def check_round_to(round_to) -> int:
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise bad("round_to", "a positive integer", round_to)
     return round_to
+
+
+def check_budget(ratio, macs, params) -> tuple[str, float]:
+    """Exactly one of ``ratio`` / ``macs`` / ``params`` (default ``ratio=0.5``).
+
+    ``ratio`` is the fraction of each group's channels to remove; ``macs`` and
+    ``params`` are the fractions of the dense model's cost to *keep*.
+    """
+    given = {k: v for k, v in (("ratio", ratio), ("macs", macs), ("params", params)) if v is not None}
+    if len(given) > 1:
+        raise InvalidArgumentError(f"give one budget, not {' and '.join(given)}")
+    if not given:
+        return "ratio", 0.5
+    kind, value = next(iter(given.items()))
+    if kind == "ratio":
+        return kind, check_ratio(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise bad(kind, "a fraction of the dense model in (0, 1]", value)
+    return kind, float(value)

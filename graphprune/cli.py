@@ -21,7 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a model, verify it with the oracle and save it")
     pr.add_argument("source", nargs="?", help="an .onnx file to prune (default: --model)")
     pr.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
-    pr.add_argument("--ratio", type=float, default=0.5, help="fraction of each group's channels to remove")
+    budget = pr.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, default=None,
+                        help="fraction of each group's channels to remove (default 0.5)")
+    budget.add_argument("--macs", type=float, default=None, help="keep this fraction of the MACs (e.g. 0.5)")
+    budget.add_argument("--params", type=float, default=None, help="keep this fraction of the parameters")
     pr.add_argument("--importance", default="l2", help="importance criterion (l1, l2, random)")
     pr.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
     pr.add_argument("--keep-classifier", action="store_true", default=True, help=argparse.SUPPRESS)
@@ -69,7 +73,7 @@ def cmd_prune(args) -> int:
     print(f"model      {args.model}  ({type(model).__name__})")
     t0 = time.perf_counter()
     plan = gp.plan(model, x, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
-                   strict=args.strict)
+                   strict=args.strict, macs=args.macs, params=args.params)
     slim = gp.apply(model, plan)
     took = time.perf_counter() - t0
     p0, p1 = gp.count_params(model), gp.count_params(slim)

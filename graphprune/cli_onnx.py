@@ -21,7 +21,7 @@ def prune_onnx_file(args) -> int:
     print(f"model      {src}")
     t0 = time.perf_counter()
     plan = gp.plan_onnx(model, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
-                        strict=args.strict, inputs=x)
+                        strict=args.strict, inputs=x, macs=args.macs, params=args.params)
     slim = gp.apply_onnx(model, plan, inputs=x)
     took = time.perf_counter() - t0
     p0, p1 = gp.count_params_onnx(model), gp.count_params_onnx(slim)

@@ -22,12 +22,12 @@ from onnx import numpy_helper
 from .apply.onnx_apply import apply_onnx as _apply
 from .capture.onnx_capture import capture_onnx
 from .capture.onnx_load import graph_inputs, input_shapes, load_model, random_inputs
-from .checks import check_ratio, check_round_to
+from .checks import check_budget, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
 from .ir.cost import graph_macs
+from .planning.budget import make_plan
 from .planning.plan import PruningPlan
-from .planning.planner import uniform_plan
 from .scoring.importance import get_importance
 from .verify.onnx_verify import session
 from .verify.onnx_verify import verify_onnx as _verify
@@ -82,7 +82,6 @@ def analyze_onnx(model, inputs=None, ignore: Iterable | None = None, strict: boo
     cap = capture_onnx(m, feeds(m, inputs))
     result = couple(cap.graph, strict=strict, fixed_params=fixed)
     result.method = "onnx"
-    result.macs = graph_macs(cap.graph)
     return result
 
 
@@ -99,19 +98,25 @@ class _LazyInits(dict):
         return arr
 
 
-def plan_onnx(model, ratio: float = 0.5, importance="l2", ignore=None, round_to: int = 1,
-              strict: bool = False, inputs=None) -> PruningPlan:
-    """Decide what to remove from an ONNX model (members named by initializer)."""
-    ratio = check_ratio(ratio)
+def plan_onnx(model, ratio: float | None = None, importance="l2", ignore=None, round_to: int = 1,
+              strict: bool = False, inputs=None, macs: float | None = None,
+              params: float | None = None) -> PruningPlan:
+    """Decide what to remove from an ONNX model (members named by initializer).
+
+    Budgets as in :func:`graphprune.plan`: ``ratio`` (default 0.5), or
+    ``macs`` / ``params`` as fractions of the dense model to keep.
+    """
+    kind, value = check_budget(ratio, macs, params)
     round_to = check_round_to(round_to)
     scorer = get_importance(importance)
     m = load_model(model)
     fixed = resolve_ignore_onnx(m, ignore)
     cap = capture_onnx(m, feeds(m, inputs))
     coupling = couple(cap.graph, strict=strict, fixed_params=fixed)
-    meta = {"model": m.graph.name or "onnx", "ratio": ratio, "importance": getattr(scorer, "name", "custom"),
-            "round_to": round_to, "capture": "onnx", "barriers": coupling.barriers}
-    return uniform_plan(coupling.groups, _LazyInits(cap.model), scorer, ratio, round_to, meta)
+    meta = {"model": m.graph.name or "onnx", "ratio": value if kind == "ratio" else None,
+            "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": "onnx",
+            "barriers": coupling.barriers}
+    return make_plan(coupling, _LazyInits(cap.model), scorer, kind, value, round_to, meta)
 
 
 def _check_plan(plan) -> None:
@@ -126,12 +131,13 @@ def apply_onnx(model, plan: PruningPlan, inputs=None) -> onnx.ModelProto:
     return _apply(m, plan, feeds(m, inputs))
 
 
-def prune_onnx(model, ratio: float = 0.5, importance="l2", ignore=None, round_to: int = 1,
-               strict: bool = False, inputs=None) -> onnx.ModelProto:
+def prune_onnx(model, ratio: float | None = None, importance="l2", ignore=None, round_to: int = 1,
+               strict: bool = False, inputs=None, macs: float | None = None,
+               params: float | None = None) -> onnx.ModelProto:
     """``plan_onnx`` then ``apply_onnx``."""
     m = load_model(model)
     p = plan_onnx(m, ratio=ratio, importance=importance, ignore=ignore, round_to=round_to,
-                  strict=strict, inputs=inputs)
+                  strict=strict, inputs=inputs, macs=macs, params=params)
     return apply_onnx(m, p, inputs)
 
 

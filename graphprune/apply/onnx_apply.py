@@ -23,49 +23,20 @@ from onnx import helper, numpy_helper
 
 from ..capture.onnx_capture import capture_onnx
 from ..coupling.groups import run_rules
-from ..coupling.labels import axis_entry
+from ..coupling.widths import NewWidths, removed_units
 from ..errors import PlanError
 from ..planning.plan import PruningPlan
 
 
-class NewWidths:
-    """New size of every labelled value axis once ``removed`` units are gone."""
-
-    def __init__(self, st, removed_roots: np.ndarray):
-        self.st = st
-        self.roots = st.uf.roots()
-        self.removed = removed_roots
-
-    def kept(self, value, axis: int) -> np.ndarray:
-        """Boolean mask over ``value``'s ``axis``: which positions stay."""
-        ent = axis_entry(self.st.get(value), axis)
-        if ent is None:
-            return np.ones(value.shape[axis], dtype=bool)
-        axes, arr = ent
-        alive = ~np.isin(self.roots[arr], self.removed)
-        other = tuple(i for i in range(arr.ndim) if axes[i] != axis)
-        return alive.any(axis=other) if other else alive
-
-    def size(self, value, axis: int) -> int:
-        return int(self.kept(value, axis).sum())
-
-
 def removed_roots(st, plan: PruningPlan, inits: dict) -> np.ndarray:
     """Units the plan removes; :class:`PlanError` if it names what is not there."""
-    roots = st.uf.roots()
-    out = []
     for (name, axis), removed in plan.removals().items():
         if name not in inits:
             raise PlanError(f"plan names initializer '{name}', which the model does not have")
         dims = tuple(inits[name].dims)
         if axis >= len(dims) or (removed and max(removed) >= dims[axis]):
             raise PlanError(f"plan does not fit initializer '{name}' of shape {dims} (axis {axis})")
-        member = st.members.get((name, axis))
-        if member is None:
-            raise PlanError(f"plan cuts axis {axis} of '{name}', which is not a channel axis of this model")
-        if removed:
-            out.append(roots[member.labels[sorted(removed)]])
-    return np.unique(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+    return removed_units(st, plan)
 
 
 class IntEdits:

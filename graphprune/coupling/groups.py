@@ -64,6 +64,9 @@ class Coupling:
 
     groups: list[Group]
     barriers: list[str]
+    state: CouplingState | None = None   # labels of every value (budgets, apply)
+    graph: object = None                 # the IR the groups were found on
+    method: str = ""
 
 
 def run_rules(graph, strict: bool = False, fixed_params=()) -> CouplingState:
@@ -173,4 +176,4 @@ def couple(graph, strict: bool = False, fixed_params=()) -> Coupling:
     """Find every coupled group of ``graph`` (see module docstring)."""
     st = run_rules(graph, strict, fixed_params)
     st.node_index.update({n.name: i for i, n in enumerate(graph.nodes)})
-    return Coupling(build_groups(st), st.barriers)
+    return Coupling(build_groups(st), st.barriers, st, graph)

@@ -10,24 +10,34 @@ def _numel(shape) -> int:
     return int(math.prod(shape)) if shape else 1
 
 
-def node_macs(node) -> int:
-    """MACs of one node (0 for ops that do no multiply-accumulate work)."""
-    out = node.outputs[0].shape if node.outputs else None
-    if out is None:
+def _shape_of(value):
+    return value.shape
+
+
+def node_macs(node, shape=_shape_of) -> int:
+    """MACs of one node (0 for ops that do no multiply-accumulate work).
+
+    ``shape(value)`` gives the shapes to count with (default: the captured
+    ones; a budget passes the shapes after a plan).
+    """
+    if not node.outputs or node.outputs[0].shape is None:
         return 0
+    out = shape(node.outputs[0])
     if node.op == "conv":
-        w = node.inputs[1].shape
-        return _numel(out) * _numel(w[1:])
+        return _numel(out) * _numel(shape(node.inputs[1])[1:])
     if node.op == "conv_transpose":
-        x, w = node.inputs[0].shape, node.inputs[1].shape
-        return _numel(x) * _numel(w[1:])
+        return _numel(shape(node.inputs[0])) * _numel(shape(node.inputs[1])[1:])
     if node.op == "linear":
-        x = node.inputs[0].shape
-        return _numel(out) * x[-1]
+        return _numel(out) * shape(node.inputs[0])[-1]
     if node.op == "matmul":
-        return _numel(out) * node.inputs[0].shape[-1]
+        return _numel(out) * shape(node.inputs[0])[-1]
     return 0
 
 
-def graph_macs(graph) -> int:
-    return sum(node_macs(n) for n in graph.nodes)
+def graph_macs(graph, shape=_shape_of) -> int:
+    return sum(node_macs(n, shape) for n in graph.nodes)
+
+
+def graph_params(graph, shape=_shape_of) -> int:
+    """Elements of the parameters (buffers excluded) the graph reads."""
+    return sum(_numel(shape(v)) for v in graph.params.values() if not v.param.is_buffer)

@@ -1,0 +1,74 @@
+"""Budgets: the uniform ratio whose plan meets a MACs or parameter target.
+
+The cost of a plan is computed on the IR without applying it: every value
+and parameter axis gets its new width (:class:`NewWidths`) and MACs and
+parameters are counted with those shapes.  A bisection over the uniform
+ratio finds the smallest ratio whose plan keeps at most ``target`` of the
+dense cost; scores are computed once per group.
+
+Invariant: the returned plan's cost is ``<= target * dense`` (by the
+estimate), or :class:`PlanError` says how close the prunable groups get.
+"""
+
+from __future__ import annotations
+
+from ..coupling.widths import NewWidths, removed_units
+from ..errors import PlanError
+from ..ir.cost import graph_macs, graph_params
+from .planner import uniform_plan
+
+MEASURES = {"macs": graph_macs, "params": graph_params}
+
+
+class _Cached:
+    """Score each group once across the bisection."""
+
+    def __init__(self, importance):
+        self.importance = importance
+        self.name = getattr(importance, "name", "custom")
+        self.scores = {}
+
+    def __call__(self, group, arrays):
+        if group.id not in self.scores:
+            self.scores[group.id] = self.importance(group, arrays)
+        return self.scores[group.id]
+
+
+def plan_cost(coupling, plan, measure: str) -> int:
+    widths = NewWidths(coupling.state, removed_units(coupling.state, plan))
+    return MEASURES[measure](coupling.graph, widths.shape)
+
+
+def budget_plan(coupling, arrays, importance, target: float, measure: str, round_to: int = 1,
+                meta=None, steps: int = 14, max_ratio: float = 0.98):
+    """The plan of the smallest uniform ratio that keeps ``<= target`` of ``measure``."""
+    scorer = _Cached(importance)
+    dense = MEASURES[measure](coupling.graph)
+    if dense == 0:
+        raise PlanError(f"the model has no {measure} graphprune can count, so a {measure} budget cannot apply")
+
+    def attempt(r):
+        p = uniform_plan(coupling.groups, arrays, scorer, r, round_to, meta)
+        return p, plan_cost(coupling, p, measure) / dense
+
+    best, frac = attempt(max_ratio)
+    if frac > target:
+        raise PlanError(f"{measure} budget {target:.0%} cannot be met: removing {max_ratio:.0%} of every "
+                        f"prunable group still keeps {frac:.1%}")
+    lo, hi = 0.0, max_ratio
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        p, f = attempt(mid)
+        if f <= target:
+            hi, best, frac = mid, p, f
+        else:
+            lo = mid
+    best.meta.update({"budget": {measure: target}, "ratio": round(hi, 4), f"{measure}_kept_estimate": round(frac, 4)})
+    return best
+
+
+def make_plan(coupling, arrays, importance, kind: str, value: float, round_to: int, meta):
+    """Dispatch on the budget kind checked by :func:`graphprune.checks.check_budget`."""
+    if kind == "ratio":
+        return uniform_plan(coupling.groups, arrays, importance, value, round_to, meta)
+    return budget_plan(coupling, arrays, importance, value, kind, round_to, meta)

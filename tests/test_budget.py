@@ -1,0 +1,69 @@
+"""MACs and parameter budgets: the smallest uniform ratio that meets them."""
+
+import pytest
+import torch
+import torchvision
+from helpers import assert_untouched, snapshot
+from onnx_graphs import conv_net
+
+import graphprune as gp
+from graphprune.zoo import lively_init
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return lively_init(torchvision.models.resnet18().eval()), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.25])
+def test_macs_budget_is_met_within_two_percent(resnet, target):
+    model, x = resnet
+    plan = gp.plan(model, x, macs=target, ignore=[model.fc])
+    slim = gp.apply(model, plan)
+    kept = gp.count_macs(slim, x) / gp.count_macs(model, x)
+    assert target - 0.02 <= kept <= target
+    assert plan.meta["budget"] == {"macs": target}
+    gp.verify(model, slim, plan, x)
+
+
+def test_params_budget(resnet):
+    model, x = resnet
+    slim = gp.prune(model, x, params=0.4, ignore=[model.fc])
+    kept = gp.count_params(slim) / gp.count_params(model)
+    assert 0.38 <= kept <= 0.4
+
+
+def test_onnx_macs_budget():
+    m = conv_net()
+    plan = gp.plan_onnx(m, macs=0.5)
+    slim = gp.apply_onnx(m, plan)
+    assert gp.count_macs_onnx(slim) <= 0.5 * gp.count_macs_onnx(m)
+    gp.verify_onnx(m, slim, plan)
+
+
+def test_bad_budgets(resnet):
+    model, x = resnet
+    snap = snapshot(model)
+    with pytest.raises(gp.InvalidArgumentError, match="one budget"):
+        gp.plan(model, x, ratio=0.3, macs=0.5)
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(gp.InvalidArgumentError, match="macs must be"):
+            gp.plan(model, x, macs=bad)
+    with pytest.raises(gp.PlanError, match="cannot be met") as err:
+        gp.plan(model, x, macs=0.5, ignore=[""])  # everything ignored
+    assert "\n" not in str(err.value)
+    assert_untouched(model, snap)
+
+
+def test_cli_macs_budget_on_onnx(tmp_path, capsys):
+    import onnx
+
+    from graphprune.cli import main
+
+    src = tmp_path / "net.onnx"
+    onnx.save(conv_net(), str(src))
+    assert main(["prune", str(src), "--macs", "0.5", "-o", str(tmp_path / "slim.onnx")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MACs"))
+    kept = float(line.split("(")[1].split("%")[0]) / 100
+    assert kept <= 0.5
