@@ -14,7 +14,7 @@ import torch.nn as nn
 from .apply.torch_apply import apply_torch
 from .capture.torch_fx import capture_torch
 from .checks import bad as _bad
-from .checks import check_budget, check_round_to
+from .checks import check_allocation, check_budget, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
 from .planning.budget import make_plan
@@ -99,21 +99,25 @@ class _LazyArrays(dict):
 
 def plan(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2",
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
-         macs: float | None = None, params: float | None = None) -> PruningPlan:
+         macs: float | None = None, params: float | None = None, allocation: str = "local",
+         normalizer: str = "mean", max_ratio: float = 0.9) -> PruningPlan:
     """Decide what to remove (the model is untouched).
 
     One budget: ``ratio`` (fraction of every group's units to remove, default
     0.5), or ``macs`` / ``params`` (fraction of the dense model to keep,
-    met by the smallest uniform ratio that reaches it).
+    met by the smallest ratio that reaches it).  ``allocation="global"``
+    ranks all units together (scores normalised per group by ``normalizer``,
+    at most ``max_ratio`` of any group removed) instead of one ratio per group.
     """
     kind, value = check_budget(ratio, macs, params)
+    alloc = check_allocation(allocation, normalizer, max_ratio)
     round_to = check_round_to(round_to)
     scorer = get_importance(importance)
     coupling = analyze(model, example_inputs, ignore, strict)
     meta = {"model": type(model).__name__, "ratio": value if kind == "ratio" else None,
             "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": coupling.method,
             "barriers": coupling.barriers}
-    return make_plan(coupling, _LazyArrays(model), scorer, kind, value, round_to, meta)
+    return make_plan(coupling, _LazyArrays(model), scorer, kind, value, round_to, meta, **alloc)
 
 
 def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
@@ -126,10 +130,10 @@ def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Modu
 
 def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2", ignore=None,
           round_to: int = 1, strict: bool = False, inplace: bool = False, macs: float | None = None,
-          params: float | None = None) -> nn.Module:
-    """``plan`` then ``apply`` in one call."""
+          params: float | None = None, **allocation) -> nn.Module:
+    """``plan`` then ``apply`` in one call (``allocation``: see :func:`plan`)."""
     p = plan(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore,
-             round_to=round_to, strict=strict, macs=macs, params=params)
+             round_to=round_to, strict=strict, macs=macs, params=params, **allocation)
     return apply(model, p, inplace=inplace)
 
 

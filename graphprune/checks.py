@@ -38,3 +38,17 @@ def check_budget(ratio, macs, params) -> tuple[str, float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise bad(kind, "a fraction of the dense model in (0, 1]", value)
     return kind, float(value)
+
+
+def check_allocation(allocation, normalizer, max_ratio) -> dict:
+    """Options of global allocation, validated once for every API."""
+    from .planning.budget import ALLOCATIONS
+    from .planning.planner import NORMALIZERS
+
+    if allocation not in ALLOCATIONS:
+        raise bad("allocation", f"one of {ALLOCATIONS}", allocation)
+    if normalizer not in NORMALIZERS:
+        raise bad("normalizer", f"one of {tuple(NORMALIZERS)}", normalizer)
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0 < max_ratio < 1:
+        raise bad("max_ratio", "a number in (0, 1)", max_ratio)
+    return {"allocation": allocation, "normalizer": normalizer, "max_ratio": float(max_ratio)}

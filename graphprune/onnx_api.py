@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from .apply.onnx_apply import apply_onnx as _apply
 from .capture.onnx_capture import capture_onnx
 from .capture.onnx_load import graph_inputs, input_shapes, load_model, random_inputs
-from .checks import check_budget, check_round_to
+from .checks import check_allocation, check_budget, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
 from .ir.cost import graph_macs
@@ -100,13 +100,16 @@ class _LazyInits(dict):
 
 def plan_onnx(model, ratio: float | None = None, importance="l2", ignore=None, round_to: int = 1,
               strict: bool = False, inputs=None, macs: float | None = None,
-              params: float | None = None) -> PruningPlan:
+              params: float | None = None, allocation: str = "local", normalizer: str = "mean",
+              max_ratio: float = 0.9) -> PruningPlan:
     """Decide what to remove from an ONNX model (members named by initializer).
 
     Budgets as in :func:`graphprune.plan`: ``ratio`` (default 0.5), or
-    ``macs`` / ``params`` as fractions of the dense model to keep.
+    ``macs`` / ``params`` as fractions of the dense model to keep;
+    ``allocation`` / ``normalizer`` / ``max_ratio`` as for PyTorch.
     """
     kind, value = check_budget(ratio, macs, params)
+    alloc = check_allocation(allocation, normalizer, max_ratio)
     round_to = check_round_to(round_to)
     scorer = get_importance(importance)
     m = load_model(model)
@@ -116,7 +119,7 @@ def plan_onnx(model, ratio: float | None = None, importance="l2", ignore=None, r
     meta = {"model": m.graph.name or "onnx", "ratio": value if kind == "ratio" else None,
             "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": "onnx",
             "barriers": coupling.barriers}
-    return make_plan(coupling, _LazyInits(cap.model), scorer, kind, value, round_to, meta)
+    return make_plan(coupling, _LazyInits(cap.model), scorer, kind, value, round_to, meta, **alloc)
 
 
 def _check_plan(plan) -> None:
@@ -133,11 +136,11 @@ def apply_onnx(model, plan: PruningPlan, inputs=None) -> onnx.ModelProto:
 
 def prune_onnx(model, ratio: float | None = None, importance="l2", ignore=None, round_to: int = 1,
                strict: bool = False, inputs=None, macs: float | None = None,
-               params: float | None = None) -> onnx.ModelProto:
-    """``plan_onnx`` then ``apply_onnx``."""
+               params: float | None = None, **allocation) -> onnx.ModelProto:
+    """``plan_onnx`` then ``apply_onnx`` (``allocation``: see :func:`plan_onnx`)."""
     m = load_model(model)
     p = plan_onnx(m, ratio=ratio, importance=importance, ignore=ignore, round_to=round_to,
-                  strict=strict, inputs=inputs, macs=macs, params=params)
+                  strict=strict, inputs=inputs, macs=macs, params=params, **allocation)
     return apply_onnx(m, p, inputs)
 
 

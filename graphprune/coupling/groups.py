@@ -28,6 +28,8 @@ class GroupMember:
     indices: tuple[int, ...]
     units: tuple[int, ...]
     is_buffer: bool = False
+    op: str = ""     # op kind of the declaring node (criteria such as BN scale read it)
+    slot: int = -1   # input index of the parameter on that node
 
 
 @dataclass
@@ -153,7 +155,7 @@ def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
         mu = roots[m.labels]
         pos = np.nonzero(np.isin(mu, units))[0]
         members.append(GroupMember(m.param, m.axis, m.role, tuple(pos.tolist()),
-                                   tuple(mu[pos].tolist()), m.is_buffer))
+                                   tuple(mu[pos].tolist()), m.is_buffer, m.op, m.slot))
     members.sort(key=lambda m: (m.role != "out", m.is_buffer))
     ulist = units.tolist()
     fixed = status["fixed"]

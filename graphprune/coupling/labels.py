@@ -96,6 +96,8 @@ class Member:
     labels: np.ndarray
     is_buffer: bool = False
     node: str = ""
+    op: str = ""      # op kind of the node that declared it ("batch_norm", "conv"...)
+    slot: int = -1    # the parameter's input index on that node (1: a norm's scale)
 
 
 @dataclass
@@ -156,7 +158,7 @@ class CouplingState:
 
     # -- members, fixed, lossy ----------------------------------------
     def add_member(self, param: str, axis: int, role: str, labels: np.ndarray,
-                   is_buffer: bool = False, node: str = "") -> None:
+                   is_buffer: bool = False, node: str = "", op: str = "", slot: int = -1) -> None:
         """Record that ``param``'s ``axis`` carries ``labels`` (1-D).
 
         A parameter used twice (weight sharing) unifies its labels positionally.
@@ -166,7 +168,7 @@ class CouplingState:
         if key in self.members:
             self.uf.union_arrays(self.members[key].labels, labels)
             return
-        self.members[key] = Member(param, axis, role, labels, is_buffer, node)
+        self.members[key] = Member(param, axis, role, labels, is_buffer, node, op, slot)
 
     def fix(self, ids, reason: str) -> None:
         for x in np.asarray(ids).ravel():

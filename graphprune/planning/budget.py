@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..coupling.widths import NewWidths, removed_units
 from ..errors import PlanError
 from ..ir.cost import graph_macs, graph_params
-from .planner import uniform_plan
+from .planner import global_plan, uniform_plan
 
 MEASURES = {"macs": graph_macs, "params": graph_params}
 
@@ -39,22 +39,21 @@ def plan_cost(coupling, plan, measure: str) -> int:
     return MEASURES[measure](coupling.graph, widths.shape)
 
 
-def budget_plan(coupling, arrays, importance, target: float, measure: str, round_to: int = 1,
-                meta=None, steps: int = 14, max_ratio: float = 0.98):
-    """The plan of the smallest uniform ratio that keeps ``<= target`` of ``measure``."""
-    scorer = _Cached(importance)
+def budget_plan(coupling, planner, target: float, measure: str, steps: int = 14, max_ratio: float = 0.98):
+    """The plan of the smallest fraction ``r`` for which ``planner(r)`` keeps
+    ``<= target`` of ``measure`` (``planner`` is monotone in ``r``)."""
     dense = MEASURES[measure](coupling.graph)
     if dense == 0:
         raise PlanError(f"the model has no {measure} graphprune can count, so a {measure} budget cannot apply")
 
     def attempt(r):
-        p = uniform_plan(coupling.groups, arrays, scorer, r, round_to, meta)
+        p = planner(r)
         return p, plan_cost(coupling, p, measure) / dense
 
     best, frac = attempt(max_ratio)
     if frac > target:
-        raise PlanError(f"{measure} budget {target:.0%} cannot be met: removing {max_ratio:.0%} of every "
-                        f"prunable group still keeps {frac:.1%}")
+        raise PlanError(f"{measure} budget {target:.0%} cannot be met: the most graphprune may remove "
+                        f"still keeps {frac:.1%}")
     lo, hi = 0.0, max_ratio
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -67,8 +66,27 @@ def budget_plan(coupling, arrays, importance, target: float, measure: str, round
     return best
 
 
-def make_plan(coupling, arrays, importance, kind: str, value: float, round_to: int, meta):
-    """Dispatch on the budget kind checked by :func:`graphprune.checks.check_budget`."""
+ALLOCATIONS = ("local", "global")
+
+
+def make_plan(coupling, arrays, importance, kind: str, value: float, round_to: int, meta,
+              allocation: str = "local", normalizer: str = "mean", max_ratio: float = 0.9):
+    """One plan for a budget (checked by :func:`graphprune.checks.check_budget`).
+
+    ``local``: the same ratio in every group.  ``global``: one ranking of all
+    units, scores normalised per group by ``normalizer``, at most
+    ``max_ratio`` of any group removed.
+    """
+    scorer = _Cached(importance)
+    meta = dict(meta or {}, allocation=allocation)
+    if allocation == "global":
+        meta.update(normalizer=normalizer, max_ratio=max_ratio)
+
+        def planner(r):
+            return global_plan(coupling.groups, arrays, scorer, r, round_to, meta, normalizer, max_ratio)
+    else:
+        def planner(r):
+            return uniform_plan(coupling.groups, arrays, scorer, r, round_to, meta)
     if kind == "ratio":
-        return uniform_plan(coupling.groups, arrays, importance, value, round_to, meta)
-    return budget_plan(coupling, arrays, importance, value, kind, round_to, meta)
+        return planner(value)
+    return budget_plan(coupling, planner, value, kind)

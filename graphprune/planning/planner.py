@@ -52,3 +52,67 @@ def uniform_plan(groups: list[Group], arrays: Mapping[str, np.ndarray], importan
             if pg is not None:
                 planned.append(pg)
     return PruningPlan(tuple(planned), dict(meta or {}))
+
+
+def _lamp(s: np.ndarray) -> np.ndarray:
+    """LAMP: ``s_i^2 / sum_{s_j >= s_i} s_j^2`` (ties share the larger tail)."""
+    sq = np.square(s)
+    order = np.argsort(sq, kind="stable")
+    tail = np.cumsum(sq[order][::-1])[::-1]
+    out = np.empty_like(sq)
+    out[order] = sq[order] / np.maximum(tail, 1e-300)
+    return out
+
+
+NORMALIZERS = {
+    "none": lambda s: s,
+    "mean": lambda s: s / max(float(np.mean(s)), 1e-300),
+    "max": lambda s: s / max(float(np.max(s)), 1e-300),
+    "sum": lambda s: s / max(float(np.sum(s)), 1e-300),
+    "lamp": _lamp,
+}
+
+
+def global_counts(groups: list[Group], scores: dict, fraction: float, round_to: int = 1,
+                  normalizer: str = "mean", max_ratio: float = 0.9) -> dict[int, int]:
+    """Units to remove per group when one ranking spans all groups.
+
+    Scores are normalised per group (``normalizer``), the lowest ``fraction``
+    of all units of prunable groups is taken, no group loses more than
+    ``max_ratio`` of its width (nor all of it), and removal counts are
+    rounded down so kept widths stay multiples of ``round_to`` where possible.
+    """
+    norm = NORMALIZERS[normalizer]
+    pool, caps, total = [], {}, 0
+    for g in groups:
+        if not g.n_prunable:
+            continue
+        total += g.width
+        caps[g.id] = min(g.n_prunable, int(math.floor(max_ratio * g.width)), g.width - 1)
+        ns = norm(np.asarray(scores[g.id], dtype=np.float64))
+        pool += [(float(ns[i]), g.id) for i in range(g.width) if g.prunable[i]]
+    pool.sort(key=lambda t: t[0])
+    target, counts, taken = int(round(fraction * total)), dict.fromkeys(caps, 0), 0
+    for _, gid in pool:
+        if taken >= target:
+            break
+        if counts[gid] < caps[gid]:
+            counts[gid] += 1
+            taken += 1
+    if round_to > 1:
+        width = {g.id: g.width for g in groups}
+        for gid, k in counts.items():
+            keep = width[gid] - k
+            rounded = int(math.ceil(keep / round_to)) * round_to
+            counts[gid] = width[gid] - rounded if rounded < width[gid] else 0
+    return counts
+
+
+def global_plan(groups: list[Group], arrays: Mapping[str, np.ndarray], importance, fraction: float,
+                round_to: int = 1, meta=None, normalizer: str = "mean", max_ratio: float = 0.9) -> PruningPlan:
+    """Prune the globally lowest-ranked ``fraction`` of units (see :func:`global_counts`)."""
+    scores = {g.id: importance(g, arrays) for g in groups if g.n_prunable}
+    counts = global_counts(groups, scores, fraction, round_to, normalizer, max_ratio)
+    planned = [pg for g in groups if counts.get(g.id)
+               for pg in [plan_group(g, scores[g.id], counts[g.id])] if pg is not None]
+    return PruningPlan(tuple(planned), dict(meta or {}))

@@ -2,8 +2,14 @@
 
 A criterion maps a :class:`~graphprune.coupling.Group` and the parameter
 arrays (numpy, by qualified name) to one score per unit, aggregated over
-*all* members of the group (the producing layer, norms, and the consumers).
+the group's members (the producing layer, norms, and the consumers).
 Buffers (running statistics) never contribute.  Higher means more important.
+
+Aggregation: each member gives a raw score per unit (its positions of that
+unit summed); ``reduction`` combines members (``sum``, ``mean``, ``max``,
+``prod`` or ``first`` = the first member that covers the unit, producers
+first); ``finish`` maps the result (``sqrt`` for L2).  A member that does
+not cover a unit does not take part in that unit's reduction.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from ..coupling.groups import Group
 from ..errors import InvalidArgumentError
 
 IMPORTANCE: dict[str, type[Importance]] = {}
+REDUCTIONS = ("sum", "mean", "max", "prod", "first")
 
 
 def register_importance(name: str):
@@ -40,27 +47,59 @@ def get_importance(spec) -> Importance:
 
 
 class Importance:
-    """Base class.  Subclasses implement :meth:`position_scores`, or
-    override ``__call__`` to score units directly."""
+    """Base class.  Subclasses implement :meth:`position_scores` (and may
+    restrict :meth:`members`), or override ``__call__`` to score units directly."""
 
     name = "base"
+
+    def __init__(self, reduction: str = "sum"):
+        if reduction not in REDUCTIONS:
+            raise InvalidArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
 
     def position_scores(self, values: np.ndarray, axis: int) -> np.ndarray:  # pragma: no cover - abstract
         """One score per position of ``values`` along ``axis``; positions of a unit are summed."""
         raise NotImplementedError
 
+    def members(self, group: Group) -> list:
+        """The members that contribute (default: every non-buffer member)."""
+        return [m for m in group.members if not m.is_buffer and m.indices]
+
     def finish(self, totals: np.ndarray) -> np.ndarray:
         return totals
 
-    def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    def member_scores(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[members, units]`` raw scores, NaN where a member lacks the unit."""
         index = {u: i for i, u in enumerate(group.units)}
-        totals = np.zeros(len(group.units), dtype=np.float64)
-        for m in group.members:
-            if m.is_buffer or not m.indices:
-                continue
+        members = self.members(group)
+        table = np.full((len(members), len(group.units)), np.nan)
+        for row, m in enumerate(members):
             scores = self.position_scores(np.asarray(arrays[m.param]), m.axis)
-            np.add.at(totals, [index[u] for u in m.units], scores[list(m.indices)])
-        return self.finish(totals)
+            cols = np.fromiter((index[u] for u in m.units), dtype=np.int64, count=len(m.units))
+            acc = np.zeros(len(group.units))
+            np.add.at(acc, cols, scores[list(m.indices)])
+            table[row, np.unique(cols)] = acc[np.unique(cols)]
+        return table
+
+    def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        table = self.member_scores(group, arrays)
+        if table.shape[0] == 0:
+            return np.zeros(len(group.units))
+        return self.finish(np.nan_to_num(_reduce(table, self.reduction)))
+
+
+def _reduce(table: np.ndarray, how: str) -> np.ndarray:
+    covered = ~np.isnan(table)
+    if how == "sum":
+        return np.nansum(table, axis=0)
+    if how == "mean":
+        return np.nansum(table, axis=0) / np.maximum(covered.sum(axis=0), 1)
+    if how == "max":
+        return np.where(covered, table, -np.inf).max(axis=0)
+    if how == "prod":
+        return np.where(covered, table, 1.0).prod(axis=0)
+    first = covered.argmax(axis=0)
+    return table[first, np.arange(table.shape[1])]
 
 
 def _others(values: np.ndarray, axis: int) -> tuple[int, ...]:
@@ -83,14 +122,56 @@ class L2Importance(Importance):
         return np.square(values).sum(axis=_others(values, axis), dtype=np.float64)
 
     def finish(self, totals):
-        return np.sqrt(totals)
+        return np.sqrt(np.maximum(totals, 0))
+
+
+@register_importance("bn_scale")
+class NormScaleImportance(Importance):
+    """|scale| of the BatchNorm / LayerNorm / InstanceNorm affine in the group
+    (network slimming).  Groups without a norm scale are scored by L2."""
+
+    NORMS = ("batch_norm", "layer_norm", "instance_norm")
+
+    def members(self, group):
+        return [m for m in super().members(group) if m.op in self.NORMS and m.slot == 1]
+
+    def position_scores(self, values, axis):
+        return np.abs(values).astype(np.float64)
+
+    def __call__(self, group, arrays):
+        if not self.members(group):
+            return L2Importance(self.reduction)(group, arrays)
+        return super().__call__(group, arrays)
+
+
+@register_importance("fpgm")
+class FPGMImportance(Importance):
+    """Filter pruning via geometric median: a producing row close to the
+    other rows of its layer is redundant.  Score = summed Euclidean distance
+    of the unit's row to every other row of the same weight; an all-zero
+    row scores 0 (it carries nothing, wherever it lies)."""
+
+    def members(self, group):
+        return [m for m in super().members(group) if m.role == "out" and m.op in ("conv", "linear", "conv_transpose")]
+
+    def position_scores(self, values, axis):
+        rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).astype(np.float64)
+        sq = np.square(rows).sum(axis=1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0)
+        return np.where(sq > 0, np.sqrt(d2).sum(axis=1), 0.0)
+
+    def __call__(self, group, arrays):
+        if not self.members(group):
+            return L2Importance(self.reduction)(group, arrays)
+        return super().__call__(group, arrays)
 
 
 @register_importance("random")
 class RandomImportance(Importance):
     """Uniform random scores (a baseline); ``seed`` makes it reproducible."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, reduction: str = "sum"):
+        super().__init__(reduction)
         self.seed = seed
 
     def __call__(self, group, arrays):

@@ -76,7 +76,8 @@ def add_param_member(st, value, axis, role, labels, node, tile: int = 1):
     if value is None or value.param is None:
         return
     lab = np.tile(labels, tile) if tile > 1 else labels
-    st.add_member(value.param.name, axis, role, lab, value.param.is_buffer, node.name)
+    slot = next((i for i, v in enumerate(node.inputs) if v is value), -1)
+    st.add_member(value.param.name, axis, role, lab, value.param.is_buffer, node.name, node.op, slot)
 
 
 def fix_axes(st, lmap: LabelMap, axes, reason) -> LabelMap:

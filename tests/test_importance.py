@@ -1,0 +1,110 @@
+"""Criteria conformance (over the whole registry) and global allocation."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import graphprune as gp
+from graphprune.scoring.importance import IMPORTANCE, REDUCTIONS
+from graphprune.zoo import lively_init
+
+BASELINES = {"random"}  # scores that ignore the weights by design
+DEAD = 3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def planted():
+    torch.manual_seed(0)
+    net = lively_init(Net().eval())
+    with torch.no_grad():
+        net.c1.weight[DEAD] = 0
+        net.c1.bias[DEAD] = 0
+        net.b1.weight[DEAD] = 0
+        net.b1.bias[DEAD] = 0
+        net.c2.weight[:, DEAD] = 0
+    return net, torch.randn(2, 3, 8, 8)
+
+
+def c1_group(net, x):
+    coupling = gp.analyze(net, x, ignore=[net.fc])
+    group = next(g for g in coupling.groups if any(m.param == "c1.weight" and m.role == "out" for m in g.members))
+    arrays = {k: v.detach().numpy() for k, v in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()}
+    return group, arrays
+
+
+def dead_unit(group):
+    member = next(m for m in group.members if m.param == "c1.weight" and m.role == "out")
+    return group.units.index(member.units[member.indices.index(DEAD)])
+
+
+@pytest.mark.parametrize("name", sorted(set(IMPORTANCE) - BASELINES))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_every_criterion_ranks_a_dead_channel_last(name, reduction):
+    net, x = planted()
+    group, arrays = c1_group(net, x)
+    scores = IMPORTANCE[name](reduction=reduction)(group, arrays)
+    assert scores.shape == (group.width,) and np.all(np.isfinite(scores))
+    dead = dead_unit(group)
+    assert scores[dead] == scores.min() and np.sum(scores == scores.min()) == 1
+
+
+def test_registry_is_complete_and_baselines_are_reproducible():
+    assert {"l1", "l2", "bn_scale", "fpgm", "random"} <= set(gp.list_importance())
+    net, x = planted()
+    group, arrays = c1_group(net, x)
+    rnd = IMPORTANCE["random"]
+    assert np.array_equal(rnd(seed=1)(group, arrays), rnd(seed=1)(group, arrays))
+
+
+def test_bad_reduction():
+    with pytest.raises(gp.InvalidArgumentError, match="reduction"):
+        IMPORTANCE["l2"](reduction="median")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return lively_init(torchvision.models.resnet18().eval()), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("normalizer", ["mean", "lamp"])
+def test_global_allocation_meets_macs_budget_within_two_percent(resnet, normalizer):
+    model, x = resnet
+    plan = gp.plan(model, x, macs=0.5, ignore=[model.fc], allocation="global", normalizer=normalizer)
+    slim = gp.apply(model, plan)
+    kept = gp.count_macs(slim, x) / gp.count_macs(model, x)
+    assert 0.48 <= kept <= 0.5
+    gp.verify(model, slim, plan, x)
+
+
+def test_global_ratio_respects_max_ratio_and_differs_from_local(resnet):
+    model, x = resnet
+    glob = gp.plan(model, x, ratio=0.5, ignore=[model.fc], allocation="global", max_ratio=0.7)
+    local = gp.plan(model, x, ratio=0.5, ignore=[model.fc])
+    assert all(g.kept_units >= 0.3 * g.width for g in glob.groups)
+    total = sum(g.width for g in local.groups)
+    removed = sum(g.width - g.kept_units for g in glob.groups)
+    assert abs(removed - 0.5 * total) <= 1
+    assert sorted(g.kept_units for g in glob.groups) != sorted(g.kept_units for g in local.groups)
+
+
+@pytest.mark.parametrize("kw", [{"allocation": "everywhere"}, {"normalizer": "z"}, {"max_ratio": 1.0},
+                                {"max_ratio": True}])
+def test_bad_allocation_options(resnet, kw):
+    model, x = resnet
+    with pytest.raises(gp.InvalidArgumentError):
+        gp.plan(model, x, **kw)
