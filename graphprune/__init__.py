@@ -6,7 +6,7 @@
     gp.verify(model, slim, plan, x)
 """
 
-from .api import analyze, apply, plan, prune, verify
+from .api import analyze, apply, compensate, plan, prune, verify
 from .apply.onnx_export import export_onnx, fold_batchnorm
 from .coupling import list_rules
 from .errors import (
@@ -35,7 +35,7 @@ from .scoring import Importance, list_importance, register_importance
 __version__ = "0.1.0"
 
 __all__ = [
-    "analyze", "apply", "plan", "prune", "verify", "count_macs", "count_params", "list_rules",
+    "analyze", "apply", "compensate", "plan", "prune", "verify", "count_macs", "count_params", "list_rules",
     "PruningPlan", "PlanGroup", "PlanMember", "Importance", "list_importance", "register_importance",
     "GraphPruneError", "CaptureError", "InvalidArgumentError", "PlanError", "UnsupportedOpError",
     "VerificationError", "analyze_onnx", "plan_onnx", "apply_onnx", "prune_onnx", "verify_onnx",

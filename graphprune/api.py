@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .apply.compensate import compensate as _compensate
 from .apply.torch_apply import apply_torch
+from .calibration import Calibration, gradient_statistics
 from .capture.torch_fx import capture_torch
 from .checks import bad as _bad
 from .checks import check_allocation, check_budget, check_round_to
@@ -100,7 +102,8 @@ class _LazyArrays(dict):
 def plan(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2",
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
          macs: float | None = None, params: float | None = None, allocation: str = "local",
-         normalizer: str = "mean", max_ratio: float = 0.9) -> PruningPlan:
+         normalizer: str = "mean", max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
+         loss_fn=None) -> PruningPlan:
     """Decide what to remove (the model is untouched).
 
     One budget: ``ratio`` (fraction of every group's units to remove, default
@@ -108,6 +111,8 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     met by the smallest ratio that reaches it).  ``allocation="global"``
     ranks all units together (scores normalised per group by ``normalizer``,
     at most ``max_ratio`` of any group removed) instead of one ratio per group.
+    Data-driven criteria (``taylor``, ``obd``) need ``calibration`` batches;
+    ``loss_fn(output)`` overrides the label-free default loss.
     """
     kind, value = check_budget(ratio, macs, params)
     alloc = check_allocation(allocation, normalizer, max_ratio)
@@ -117,24 +122,56 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     meta = {"model": type(model).__name__, "ratio": value if kind == "ratio" else None,
             "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": coupling.method,
             "barriers": coupling.barriers}
-    return make_plan(coupling, _LazyArrays(model), scorer, kind, value, round_to, meta, **alloc)
+    arrays = _LazyArrays(model)
+    if scorer.statistic != "weight":
+        if calibration is None:
+            raise InvalidArgumentError(f"importance '{scorer.name}' needs calibration= batches")
+        arrays = gradient_statistics(model, Calibration(calibration, max_batches), scorer.statistic, loss_fn)
+    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, **alloc)
 
 
-def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
-    """Return a physically smaller model of the same class."""
+def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False, calibration=None,
+          compensation: str | None = None, max_batches: int | None = None) -> nn.Module:
+    """Return a physically smaller model of the same class.
+
+    With ``calibration`` batches the default compensation (``"lstsq"``, see
+    :func:`compensate`) corrects the layers that read pruned channels;
+    ``compensation="bias"`` or ``"none"`` choose otherwise.  ``verify``
+    proves the rewrite itself: call it on ``apply(model, plan)``.
+    """
     _check_model(model)
     if not isinstance(plan, PruningPlan):
         raise _bad("plan", "a PruningPlan", type(plan).__name__)
-    return apply_torch(model, plan, inplace=inplace)
+    if compensation is not None and calibration is None and compensation != "none":
+        raise InvalidArgumentError(f"compensation '{compensation}' needs calibration= batches")
+    slim = apply_torch(model, plan, inplace=inplace)
+    if calibration is not None and compensation != "none":
+        reference = model if not inplace else None
+        if reference is None:
+            raise InvalidArgumentError("compensation needs the original model: use inplace=False")
+        compensate(reference, slim, plan, Calibration(calibration, max_batches), compensation or "lstsq")
+    return slim
+
+
+def compensate(original: nn.Module, pruned: nn.Module, plan: PruningPlan, calibration,
+               mode: str = "lstsq", max_batches: int | None = None):
+    """Correct ``pruned`` in place on calibration data; returns a report of the
+    per-layer residuals before and after (see :mod:`graphprune.apply.compensate`)."""
+    _check_model(original)
+    _check_model(pruned)
+    return _compensate(original, pruned, plan, Calibration(calibration, max_batches), mode)
 
 
 def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2", ignore=None,
           round_to: int = 1, strict: bool = False, inplace: bool = False, macs: float | None = None,
-          params: float | None = None, **allocation) -> nn.Module:
+          params: float | None = None, calibration=None, compensation: str | None = None,
+          max_batches: int | None = None, **allocation) -> nn.Module:
     """``plan`` then ``apply`` in one call (``allocation``: see :func:`plan`)."""
-    p = plan(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore,
-             round_to=round_to, strict=strict, macs=macs, params=params, **allocation)
-    return apply(model, p, inplace=inplace)
+    p = plan(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore, round_to=round_to,
+             strict=strict, macs=macs, params=params, calibration=calibration, max_batches=max_batches,
+             **allocation)
+    return apply(model, p, inplace=inplace, calibration=calibration, compensation=compensation,
+                 max_batches=max_batches)
 
 
 def verify(original: nn.Module, pruned: nn.Module, plan: PruningPlan, example_inputs,

@@ -112,6 +112,8 @@ def plan_onnx(model, ratio: float | None = None, importance="l2", ignore=None, r
     alloc = check_allocation(allocation, normalizer, max_ratio)
     round_to = check_round_to(round_to)
     scorer = get_importance(importance)
+    if scorer.statistic != "weight":
+        raise InvalidArgumentError(f"importance '{scorer.name}' needs gradients: it works on PyTorch models only")
     m = load_model(model)
     fixed = resolve_ignore_onnx(m, ignore)
     cap = capture_onnx(m, feeds(m, inputs))

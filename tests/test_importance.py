@@ -7,6 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import graphprune as gp
+from graphprune.calibration import Calibration, gradient_statistics
 from graphprune.scoring.importance import IMPORTANCE, REDUCTIONS
 from graphprune.zoo import lively_init
 
@@ -56,14 +57,18 @@ def dead_unit(group):
 def test_every_criterion_ranks_a_dead_channel_last(name, reduction):
     net, x = planted()
     group, arrays = c1_group(net, x)
-    scores = IMPORTANCE[name](reduction=reduction)(group, arrays)
+    criterion = IMPORTANCE[name](reduction=reduction)
+    if criterion.statistic != "weight":
+        arrays = gradient_statistics(net, Calibration([torch.randn(4, 3, 8, 8) for _ in range(2)]),
+                                     criterion.statistic)
+    scores = criterion(group, arrays)
     assert scores.shape == (group.width,) and np.all(np.isfinite(scores))
     dead = dead_unit(group)
     assert scores[dead] == scores.min() and np.sum(scores == scores.min()) == 1
 
 
 def test_registry_is_complete_and_baselines_are_reproducible():
-    assert {"l1", "l2", "bn_scale", "fpgm", "random"} <= set(gp.list_importance())
+    assert {"l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "random"} <= set(gp.list_importance())
     net, x = planted()
     group, arrays = c1_group(net, x)
     rnd = IMPORTANCE["random"]

@@ -51,6 +51,7 @@ class Importance:
     restrict :meth:`members`), or override ``__call__`` to score units directly."""
 
     name = "base"
+    statistic = "weight"  # what the arrays hold: weights, or a calibration statistic
 
     def __init__(self, reduction: str = "sum"):
         if reduction not in REDUCTIONS:
@@ -164,6 +165,32 @@ class FPGMImportance(Importance):
         if not self.members(group):
             return L2Importance(self.reduction)(group, arrays)
         return super().__call__(group, arrays)
+
+
+@register_importance("taylor")
+class TaylorImportance(Importance):
+    """First-order Taylor over the whole group (group-Fisher style): the
+    arrays are ``w * mean(grad)`` on calibration data; a unit's score is
+    ``|sum of its slices over every member|``."""
+
+    statistic = "taylor"
+
+    def position_scores(self, values, axis):
+        return values.sum(axis=_others(values, axis), dtype=np.float64)
+
+    def finish(self, totals):
+        return np.abs(totals)
+
+
+@register_importance("obd")
+class OBDImportance(Importance):
+    """Optimal brain damage with the diagonal empirical Fisher: the arrays
+    are ``w**2 * mean(grad**2)``; a unit's score sums them over the group."""
+
+    statistic = "fisher"
+
+    def position_scores(self, values, axis):
+        return values.sum(axis=_others(values, axis), dtype=np.float64)
 
 
 @register_importance("random")

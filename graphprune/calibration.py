@@ -1,0 +1,135 @@
+"""Calibration data: normalise what users pass, and iterate it with progress.
+
+Accepted: one batch (a tensor, a tuple of positional tensors, or a dict of
+keyword tensors, as a tokenizer returns), a list of such batches, or any
+iterable of them (a ``DataLoader``).  A ``(inputs, labels)`` pair from a
+labelled DataLoader is read as inputs only when ``labels`` is a 1-D integer
+tensor.  Iteration stops after ``max_batches``; a tqdm bar is shown only when
+stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .errors import InvalidArgumentError
+
+
+def _is_batch(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    if isinstance(obj, tuple):
+        return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj)
+    return False
+
+
+def _strip_labels(batch):
+    if (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
+            and batch[1].dim() == 1 and not batch[1].is_floating_point() and isinstance(batch[0], torch.Tensor)):
+        return batch[0]
+    return tuple(batch) if isinstance(batch, list) else batch
+
+
+class Calibration:
+    """Re-iterable view of calibration data (configuration only; iterate to use)."""
+
+    def __init__(self, data, max_batches: int | None = None, desc: str = "calibration"):
+        if data is None:
+            raise InvalidArgumentError("calibration data is required here "
+                                       "(a tensor, a list of batches or a DataLoader)")
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                        or max_batches < 1):
+            raise InvalidArgumentError(f"max_batches must be a positive integer, got {max_batches!r}")
+        self.data = data
+        self.max_batches = max_batches
+        self.desc = desc
+
+    def _source(self) -> Iterable:
+        if _is_batch(self.data):
+            return [self.data]
+        if isinstance(self.data, (str, bytes)) or not isinstance(self.data, Iterable):
+            raise InvalidArgumentError(f"calibration data must be a tensor, a list of batches or a DataLoader, "
+                                       f"got {type(self.data).__name__}")
+        return self.data
+
+    def __iter__(self) -> Iterator:
+        source = self._source()
+        total = self.max_batches
+        if total is None and hasattr(source, "__len__"):
+            total = len(source)
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=self.desc, leave=False)
+        count = 0
+        for batch in source:
+            if self.max_batches is not None and count >= self.max_batches:
+                break
+            batch = _strip_labels(batch)
+            if not _is_batch(batch):
+                raise InvalidArgumentError(f"calibration batch {count} is a {type(batch).__name__}, "
+                                           f"not a tensor, tuple of tensors or dict of tensors")
+            count += 1
+            if bar is not None:
+                bar.update(1)
+            yield batch
+        if bar is not None:
+            bar.close()
+        if count == 0:
+            raise InvalidArgumentError("calibration data is empty")
+
+
+def default_loss(output) -> torch.Tensor:
+    """A label-free loss: cross-entropy against the model's own predictions
+    for ``[N, C]`` logits, else half the mean square of the first output."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise InvalidArgumentError("the model returned no tensor to differentiate")
+    y = leaves[0].float()
+    if y.dim() == 2 and y.shape[1] > 1:
+        return torch.nn.functional.cross_entropy(y, y.argmax(1).detach())
+    return 0.5 * y.pow(2).mean()
+
+
+def gradient_statistics(model: torch.nn.Module, calibration: Calibration, statistic: str,
+                        loss_fn=None) -> dict:
+    """Per-parameter arrays for data-driven criteria (on a copy; ``model`` untouched).
+
+    ``"taylor"``: ``w * mean(grad)`` (first-order change of the loss when a
+    slice is removed, summed over the slice by the criterion).
+    ``"fisher"``: ``w**2 * mean(grad**2)`` (diagonal empirical Fisher / OBD).
+    """
+    import copy
+
+    from .capture.torch_fx import as_args
+
+    work = copy.deepcopy(model).eval()
+    params = dict(work.named_parameters())
+    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    count = 0
+    for batch in calibration:
+        work.zero_grad(set_to_none=True)
+        args, kwargs = as_args(batch)
+        try:
+            out = work(*args, **kwargs)
+        except Exception as err:
+            raise InvalidArgumentError(f"calibration batch {count} does not fit the model: "
+                                       f"{type(err).__name__}: {str(err).strip()[:150]}") from err
+        (loss_fn or default_loss)(out).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                g = p.grad.double()
+                acc[n] += g if statistic == "taylor" else g * g
+        count += 1
+    out = {}
+    for n, p in params.items():
+        w = p.detach().double()
+        mean = acc[n] / max(count, 1)
+        out[n] = (w * mean if statistic == "taylor" else w * w * mean).float().numpy()
+    return out

@@ -1,0 +1,90 @@
+"""Calibration input forms, data-driven criteria and retraining-free compensation."""
+
+import pytest
+import torch
+import torchvision
+from helpers import assert_untouched, snapshot
+from test_importance import DEAD, planted
+
+import graphprune as gp
+from graphprune.calibration import Calibration
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    from graphprune.zoo import lively_init
+
+    model = lively_init(torchvision.models.resnet18().eval())
+    return model, torch.randn(1, 3, 32, 32), [torch.randn(4, 3, 32, 32) for _ in range(3)]
+
+
+def test_compensation_is_exact_preserving_on_dead_channels():
+    net, x = planted()
+    cal = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    plan = gp.plan(net, x, ratio=1 / 8, ignore=[net.c2, net.fc])
+    assert [m.removed for g in plan.groups for m in g.members if m.name == "c1.weight"] == [(DEAD,)]
+    plain = gp.apply(net, plan)
+    for mode in ("lstsq", "bias"):
+        comp = gp.apply(net, plan, calibration=cal, compensation=mode)
+        for (n, a), b in zip(plain.state_dict().items(), comp.state_dict().values()):
+            assert torch.equal(a, b), f"{mode} changed {n}"
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "bias"])
+def test_compensation_never_increases_layer_error(resnet, mode):
+    model, x, cal = resnet
+    snap = snapshot(model)
+    plan = gp.plan(model, x, macs=0.5, ignore=[model.fc])
+    slim = gp.apply(model, plan)
+    report = gp.compensate(model, slim, plan, cal, mode=mode)
+    assert_untouched(model, snap)
+    assert report.layers and not report.skipped
+    for name, (before, after) in report.layers.items():
+        assert after <= before * (1 + 1e-9) + 1e-9, name
+    assert sum(a for _, a in report.layers.values()) < sum(b for b, _ in report.layers.values())
+    with torch.no_grad():
+        ref = [model(b) for b in cal]
+        err = sum(float((slim(b) - r).norm()) for b, r in zip(cal, ref))
+        raw = gp.apply(model, plan)
+        err0 = sum(float((raw(b) - r).norm()) for b, r in zip(cal, ref))
+    assert err < err0
+
+
+@pytest.mark.parametrize("importance", ["taylor", "obd"])
+def test_data_driven_criteria(resnet, importance):
+    model, x, cal = resnet
+    snap = snapshot(model)
+    plan = gp.plan(model, x, ratio=0.3, importance=importance, ignore=[model.fc], calibration=cal)
+    assert_untouched(model, snap)
+    assert all(p.grad is None for p in model.parameters())
+    gp.verify(model, gp.apply(model, plan), plan, x)
+    with pytest.raises(gp.InvalidArgumentError, match="needs calibration"):
+        gp.plan(model, x, importance=importance)
+
+
+def test_calibration_forms():
+    t = torch.randn(2, 3)
+    assert len(list(Calibration(t))) == 1
+    assert len(list(Calibration([t, t, t], max_batches=2))) == 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 3), torch.arange(6)),
+                                         batch_size=2)
+    batches = list(Calibration(loader))
+    assert len(batches) == 3 and all(isinstance(b, torch.Tensor) and b.shape == (2, 3) for b in batches)
+    assert list(Calibration({"input_ids": t}))[0].keys() == {"input_ids"}
+
+
+def test_bad_calibration(resnet):
+    model, x, _ = resnet
+    snap = snapshot(model)
+    plan = gp.plan(model, x, ratio=0.3, ignore=[model.fc])
+    for bad, match in (([], "empty"), ([torch.randn(2, 5)], "does not fit|fails|size"),
+                       (["text"], "not a tensor"), (42, "must be a tensor")):
+        with pytest.raises(gp.GraphPruneError, match=match) as err:
+            gp.plan(model, x, importance="taylor", calibration=bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(gp.InvalidArgumentError, match="max_batches"):
+        gp.apply(model, plan, calibration=[x], max_batches=0)
+    with pytest.raises(gp.InvalidArgumentError, match="needs calibration"):
+        gp.apply(model, plan, compensation="lstsq")
+    assert_untouched(model, snap)
