@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .apply.compensate import compensate as _compensate
 from .apply.torch_apply import apply_torch
-from .calibration import Calibration, gradient_statistics
+from .calibration import Calibration, activation_statistics, gradient_statistics
 from .capture.torch_fx import capture_torch
 from .checks import bad as _bad
 from .checks import check_allocation, check_budget, check_round_to
@@ -21,7 +21,7 @@ from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
 from .planning.budget import make_plan
 from .planning.plan import PruningPlan
-from .scoring.importance import get_importance
+from .scoring.importance import StatArrays, get_importance
 from .verify.torch_verify import VerifyReport, verify_torch
 
 
@@ -126,7 +126,10 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     if scorer.statistic != "weight":
         if calibration is None:
             raise InvalidArgumentError(f"importance '{scorer.name}' needs calibration= batches")
-        arrays = gradient_statistics(model, Calibration(calibration, max_batches), scorer.statistic, loss_fn)
+        data = Calibration(calibration, max_batches)
+        stats = (gradient_statistics(model, data, scorer.statistic, loss_fn)
+                 if scorer.statistic in ("taylor", "fisher") else activation_statistics(model, data, scorer.statistic))
+        arrays = StatArrays(stats, arrays)
     return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, **alloc)
 
 

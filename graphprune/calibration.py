@@ -107,20 +107,13 @@ def gradient_statistics(model: torch.nn.Module, calibration: Calibration, statis
     """
     import copy
 
-    from .capture.torch_fx import as_args
-
     work = copy.deepcopy(model).eval()
     params = dict(work.named_parameters())
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     count = 0
     for batch in calibration:
         work.zero_grad(set_to_none=True)
-        args, kwargs = as_args(batch)
-        try:
-            out = work(*args, **kwargs)
-        except Exception as err:
-            raise InvalidArgumentError(f"calibration batch {count} does not fit the model: "
-                                       f"{type(err).__name__}: {str(err).strip()[:150]}") from err
+        out = run_checked(work, batch, count)
         (loss_fn or default_loss)(out).backward()
         for n, p in params.items():
             if p.grad is not None:
@@ -133,3 +126,63 @@ def gradient_statistics(model: torch.nn.Module, calibration: Calibration, statis
         mean = acc[n] / max(count, 1)
         out[n] = (w * mean if statistic == "taylor" else w * w * mean).float().numpy()
     return out
+
+
+def activation_statistics(model: torch.nn.Module, calibration: Calibration, statistic: str) -> dict:
+    """Per-parameter arrays from forward hooks on Conv/Linear layers (model untouched).
+
+    ``"activation"``: for ``<layer>.weight``, the mean |output| of each output
+    channel (1-D over axis 0).  ``"wanda"``: ``|W| * ||X||``, the weight
+    magnitude times the L2 norm of the input channel it reads (same shape as
+    the weight).  Layers the data never reaches are absent.
+    """
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name, channel_axis):
+        def fn(mod, args, out):
+            t = (args[0] if statistic == "wanda" else out).detach().double()
+            axis = channel_axis(t)
+            dims = [d for d in range(t.dim()) if d != axis]
+            val = t.pow(2).sum(dims) if statistic == "wanda" else t.abs().mean(dims)
+            sums[name] = sums.get(name, 0) + val
+            counts[name] = counts.get(name, 0) + 1
+        return fn
+
+    handles = [m.register_forward_hook(hook(n, (lambda t: t.dim() - 1) if isinstance(m, torch.nn.Linear)
+                                            else (lambda t: 1)))
+               for n, m in layers.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(calibration):
+                run_checked(model, batch, i)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, total in sums.items():
+        w = layers[name].weight.detach().double()
+        if statistic == "wanda":
+            norm = total.sqrt()
+            shape = [1, -1] + [1] * (w.dim() - 2)
+            out[f"{name}.weight"] = (w.abs() * norm.reshape(shape)).float().numpy()
+        else:
+            out[f"{name}.weight"] = (total / counts[name]).float().numpy()
+    return out
+
+
+def run_checked(model, batch, index):
+    """Run ``model`` on one calibration batch; a batch that does not fit is a typed error."""
+    from .capture.torch_fx import as_args
+
+    args, kwargs = as_args(batch)
+    try:
+        return model(*args, **kwargs)
+    except Exception as err:
+        raise InvalidArgumentError(f"calibration batch {index} does not fit the model: "
+                                   f"{type(err).__name__}: {str(err).strip()[:150]}") from err

@@ -51,7 +51,7 @@ def test_compensation_never_increases_layer_error(resnet, mode):
     assert err < err0
 
 
-@pytest.mark.parametrize("importance", ["taylor", "obd"])
+@pytest.mark.parametrize("importance", ["taylor", "obd", "activation", "wanda"])
 def test_data_driven_criteria(resnet, importance):
     model, x, cal = resnet
     snap = snapshot(model)

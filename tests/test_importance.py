@@ -7,8 +7,8 @@ import torch.nn as nn
 import torchvision
 
 import graphprune as gp
-from graphprune.calibration import Calibration, gradient_statistics
-from graphprune.scoring.importance import IMPORTANCE, REDUCTIONS
+from graphprune.calibration import Calibration, activation_statistics, gradient_statistics
+from graphprune.scoring.importance import IMPORTANCE, REDUCTIONS, StatArrays
 from graphprune.zoo import lively_init
 
 BASELINES = {"random"}  # scores that ignore the weights by design
@@ -59,8 +59,9 @@ def test_every_criterion_ranks_a_dead_channel_last(name, reduction):
     group, arrays = c1_group(net, x)
     criterion = IMPORTANCE[name](reduction=reduction)
     if criterion.statistic != "weight":
-        arrays = gradient_statistics(net, Calibration([torch.randn(4, 3, 8, 8) for _ in range(2)]),
-                                     criterion.statistic)
+        data = Calibration([torch.randn(4, 3, 8, 8) for _ in range(2)])
+        collect = gradient_statistics if criterion.statistic in ("taylor", "fisher") else activation_statistics
+        arrays = StatArrays(collect(net, data, criterion.statistic), arrays)
     scores = criterion(group, arrays)
     assert scores.shape == (group.width,) and np.all(np.isfinite(scores))
     dead = dead_unit(group)
@@ -68,7 +69,8 @@ def test_every_criterion_ranks_a_dead_channel_last(name, reduction):
 
 
 def test_registry_is_complete_and_baselines_are_reproducible():
-    assert {"l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "random"} <= set(gp.list_importance())
+    names = {"l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "activation", "wanda", "random"}
+    assert names <= set(gp.list_importance())
     net, x = planted()
     group, arrays = c1_group(net, x)
     rnd = IMPORTANCE["random"]

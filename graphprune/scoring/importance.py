@@ -72,7 +72,7 @@ class Importance:
     def member_scores(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         """``[members, units]`` raw scores, NaN where a member lacks the unit."""
         index = {u: i for i, u in enumerate(group.units)}
-        members = self.members(group)
+        members = [m for m in self.members(group) if self.statistic == "weight" or m.param in arrays]
         table = np.full((len(members), len(group.units)), np.nan)
         for row, m in enumerate(members):
             scores = self.position_scores(np.asarray(arrays[m.param]), m.axis)
@@ -191,6 +191,60 @@ class OBDImportance(Importance):
 
     def position_scores(self, values, axis):
         return values.sum(axis=_others(values, axis), dtype=np.float64)
+
+
+@register_importance("activation")
+class ActivationImportance(Importance):
+    """Mean |output activation| of the producing layers' channels on
+    calibration data (arrays: one value per output channel of each
+    Conv/Linear weight); units with no producing layer fall back to L2."""
+
+    statistic = "activation"
+
+    def members(self, group):
+        return [m for m in super().members(group) if m.role == "out" and m.axis == 0
+                and m.op in ("conv", "linear")]
+
+    def position_scores(self, values, axis):
+        return np.asarray(values, dtype=np.float64).reshape(-1)
+
+    def __call__(self, group, arrays):
+        if not self.members(group) or any(m.param not in arrays for m in self.members(group)):
+            return L2Importance(self.reduction)(group, _WeightsOnly(arrays))
+        return super().__call__(group, arrays)
+
+
+@register_importance("wanda")
+class WandaImportance(Importance):
+    """Wanda: ``|W| * ||X||`` (weight magnitude times the input channel's
+    activation norm) summed over the unit's slices of every Conv/Linear
+    member; members without statistics are left out."""
+
+    statistic = "wanda"
+
+    def members(self, group):
+        return [m for m in super().members(group) if m.op in ("conv", "linear")]
+
+    def position_scores(self, values, axis):
+        return np.abs(values).sum(axis=_others(values, axis), dtype=np.float64)
+
+    def __call__(self, group, arrays):
+        if not any(m.param in arrays for m in self.members(group)):
+            return L2Importance(self.reduction)(group, _WeightsOnly(arrays))
+        return super().__call__(group, arrays)
+
+
+class StatArrays(dict):
+    """Calibration statistics by parameter name, with the raw ``weights``
+    (a mapping) for criteria that fall back to magnitude."""
+
+    def __init__(self, stats, weights):
+        super().__init__(stats)
+        self.weights = weights
+
+
+def _WeightsOnly(arrays):
+    return getattr(arrays, "weights", arrays)
 
 
 @register_importance("random")
