@@ -30,6 +30,7 @@ from .onnx_api import (
                        verify_onnx,
 )
 from .planning.plan import PlanGroup, PlanMember, PruningPlan
+from .regularize import BNL1, GroupLasso
 from .scoring import Importance, list_importance, register_importance
 
 __version__ = "0.1.0"
@@ -40,4 +41,5 @@ __all__ = [
     "GraphPruneError", "CaptureError", "InvalidArgumentError", "PlanError", "UnsupportedOpError",
     "VerificationError", "analyze_onnx", "plan_onnx", "apply_onnx", "prune_onnx", "verify_onnx",
     "count_params_onnx", "count_macs_onnx", "latency_onnx", "save_onnx", "export_onnx", "fold_batchnorm",
+    "GroupLasso", "BNL1",
 ]

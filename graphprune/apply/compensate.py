@@ -9,6 +9,10 @@ what the original layer computed from the original inputs:
     lstsq:  W_kept += D,  D = argmin ||T - D * X_pruned||^2 + lam ||D||^2
     bias:   b += mean(T)
 
+``bn``: every BatchNorm's running statistics move by the shift the pruning
+causes on calibration data (mean += mean_pruned - mean_original, var *=
+var_pruned / var_original, per kept channel), again exact-preserving.
+
 ``X_pruned`` is taken from the pruned model *after* the earlier layers were
 corrected, so errors do not accumulate.  The correction is fitted to the
 residual, never to the weights themselves, hence it is exact-preserving: a
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from ..capture.torch_fx import as_args
 from ..errors import InvalidArgumentError
 
-MODES = ("lstsq", "bias", "none")
+MODES = ("lstsq", "bias", "bn", "none")
 
 
 @dataclass
@@ -97,6 +101,13 @@ def compensate(original: nn.Module, pruned: nn.Module, plan, calibration, mode: 
     was = (original.training, pruned.training)
     original.eval()
     pruned.eval()
+    if mode == "bn":
+        try:
+            _recalibrate_bn(original, pruned, plan, batches, report)
+        finally:
+            original.train(was[0])
+            pruned.train(was[1])
+        return report
     try:
         for name in _order(original, batches, _consumers(plan)):
             o_mod, p_mod = original.get_submodule(name), pruned.get_submodule(name)
@@ -142,3 +153,37 @@ def _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out) -
         after = before - float((2 * cross * delta).sum()) + float((delta * (gram @ delta)).sum())
         p_mod.weight += delta.T.reshape(p_mod.weight.shape).to(p_mod.weight.dtype)
     return before, max(after, 0.0)
+
+
+def _channel_moments(model, name, batches):
+    """Per-channel mean and variance of BatchNorm ``name``'s input on the batches."""
+    total, sq, n = 0, 0, 0
+    for batch in batches:
+        x = _capture_input(model, name, batch).double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        total = total + x.sum(dims)
+        sq = sq + (x * x).sum(dims)
+        n += x.numel() // x.shape[1]
+    mean = total / n
+    return mean, sq / n - mean * mean
+
+
+def _recalibrate_bn(original, pruned, plan, batches, report) -> None:
+    removals = plan.removals()
+    names = [n for n, m in original.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for name in _order(original, batches, names):
+        p_mod = pruned.get_submodule(name)
+        if p_mod.running_mean is None:
+            report.skipped[name] = "BatchNorm without running statistics"
+            continue
+        removed = removals.get((f"{name}.weight", 0)) or removals.get((f"{name}.running_mean", 0)) or set()
+        kept = [i for i in range(original.get_submodule(name).num_features) if i not in removed]
+        mean_o, var_o = _channel_moments(original, name, batches)
+        mean_p, var_p = _channel_moments(pruned, name, batches)
+        mean_o, var_o = mean_o[kept], var_o[kept]
+        shift = mean_p - mean_o
+        ratio = torch.where(var_o > 1e-12, var_p / var_o.clamp_min(1e-12), torch.ones_like(var_o))
+        with torch.no_grad():
+            p_mod.running_mean += shift.to(p_mod.running_mean.dtype)
+            p_mod.running_var *= ratio.to(p_mod.running_var.dtype)
+        report.layers[name] = (float((shift ** 2).sum()), 0.0)
