@@ -114,18 +114,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     train_set, test_set = data()
+    torch.manual_seed(0)
     model = train(DigitsNet(), train_set, args.epochs)
     dense = accuracy(model, test_set)
     x = train_set[0][:8]
     calibration = list(train_set[0][:256].split(64))
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
-        for crit in ("l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "random"):
+        for crit in ("l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "activation", "wanda", "random"):
             t0 = time.perf_counter()
             plan = gp.plan(model, x, macs=target, importance=crit, ignore=[model.fc], calibration=calibration)
             kept = gp.count_macs(gp.apply(model, plan), x) / gp.count_macs(model, x)
             accs = {mode: accuracy(gp.apply(model, plan, calibration=calibration, compensation=mode), test_set)
-                    for mode in ("none", "bias", "lstsq")}
+                    for mode in ("none", "bn", "bias", "lstsq")}
             tp_acc = "-"
             if crit in tp_importances():
                 tp_model = tp_prune(model, x, target, tp_importances()[crit])
@@ -146,11 +147,12 @@ def main(argv=None) -> int:
 def table(rows, dense) -> str:
     out = [f"Digits CNN (scikit-learn digits, 1500 train / 297 test), dense accuracy {dense:.1%}; "
            "one-shot, no gradient step unless stated; compensation on 256 unlabelled training images.", "",
-           "| MACs target | criterion | MACs kept | gp no comp. | gp bias comp. | gp lstsq comp. | Torch-Pruning |",
-           "|---|---|---|---|---|---|---|"]
+           "| MACs target | criterion | MACs kept | gp no comp. | gp BN recal. | gp bias comp. | gp lstsq comp. "
+           "| Torch-Pruning |",
+           "|---|---|---|---|---|---|---|---|"]
     for target, crit, kept, accs, tp_acc, _ in rows:
         k = f"{kept:.1%}" if kept is not None else ""
-        cells = [f"{accs[m]:.1%}" if m in accs else "" for m in ("none", "bias", "lstsq")]
+        cells = [f"{accs[m]:.1%}" if m in accs else "" for m in ("none", "bn", "bias", "lstsq")]
         out.append(f"| {target:.0%} | {crit} | {k} | " + " | ".join(cells) + f" | {tp_acc} |")
     return "\n".join(out)
 
