@@ -19,6 +19,7 @@ from .checks import bad as _bad
 from .checks import check_allocation, check_budget, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
+from .metrics import count_macs, count_params
 from .planning.budget import make_plan
 from .planning.plan import PruningPlan
 from .scoring.importance import StatArrays, get_importance
@@ -168,13 +169,44 @@ def compensate(original: nn.Module, pruned: nn.Module, plan: PruningPlan, calibr
 def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2", ignore=None,
           round_to: int = 1, strict: bool = False, inplace: bool = False, macs: float | None = None,
           params: float | None = None, calibration=None, compensation: str | None = None,
-          max_batches: int | None = None, **allocation) -> nn.Module:
-    """``plan`` then ``apply`` in one call (``allocation``: see :func:`plan`)."""
-    p = plan(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore, round_to=round_to,
-             strict=strict, macs=macs, params=params, calibration=calibration, max_batches=max_batches,
-             **allocation)
-    return apply(model, p, inplace=inplace, calibration=calibration, compensation=compensation,
-                 max_batches=max_batches)
+          max_batches: int | None = None, steps: int = 1, **allocation) -> nn.Module:
+    """``plan`` then ``apply`` in one call (``allocation``: see :func:`plan`).
+
+    ``steps=K`` prunes iteratively: K rounds, each re-scoring the model the
+    previous round produced (and compensating it, given calibration data),
+    with per-round targets ``t ** (k / K)`` so that round K meets the budget
+    ``t`` of the *original* model (for ``ratio``, the kept fraction of units).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise _bad("steps", "a positive integer", steps)
+    kind, value = check_budget(ratio, macs, params)
+    if steps > 1 and inplace:
+        raise InvalidArgumentError("iterative pruning (steps > 1) needs inplace=False")
+    current = model
+    dense = {"macs": lambda m: count_macs(m, example_inputs), "params": count_params}.get(kind)
+    base = dense(model) if dense else None
+    for k in range(1, steps + 1):
+        goal = (1 - value) ** (k / steps) if kind == "ratio" else value ** (k / steps)
+        if kind == "ratio":
+            prev = (1 - value) ** ((k - 1) / steps)
+            budget = {"ratio": 1 - goal / prev}
+        else:
+            budget = {kind: min(1.0, goal * base / dense(current))}
+        p = plan(current, example_inputs, importance=importance, ignore=_same_ignore(model, current, ignore),
+                 round_to=round_to, strict=strict, calibration=calibration, max_batches=max_batches,
+                 **budget, **allocation)
+        current = apply(current, p, inplace=inplace and steps == 1, calibration=calibration,
+                        compensation=compensation, max_batches=max_batches)
+    return current
+
+
+def _same_ignore(original, current, ignore):
+    """``ignore`` re-expressed for a pruned copy: modules become their qualified names."""
+    if ignore is None or current is original:
+        return ignore
+    names = {id(m): n for n, m in original.named_modules()}
+    items = [ignore] if isinstance(ignore, (nn.Module, str)) else list(ignore)
+    return [names.get(id(i), i) if isinstance(i, nn.Module) else i for i in items]
 
 
 def verify(original: nn.Module, pruned: nn.Module, plan: PruningPlan, example_inputs,

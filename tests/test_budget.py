@@ -67,3 +67,14 @@ def test_cli_macs_budget_on_onnx(tmp_path, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MACs"))
     kept = float(line.split("(")[1].split("%")[0]) / 100
     assert kept <= 0.5
+
+
+def test_iterative_pruning_meets_the_budget_of_the_original(resnet):
+    model, x = resnet
+    snap = snapshot(model)
+    slim = gp.prune(model, x, macs=0.4, ignore=[model.fc], steps=3, importance="l1", allocation="global")
+    assert_untouched(model, snap)
+    kept = gp.count_macs(slim, x) / gp.count_macs(model, x)
+    assert 0.38 <= kept <= 0.4
+    with pytest.raises(gp.InvalidArgumentError, match="steps"):
+        gp.prune(model, x, steps=0)
