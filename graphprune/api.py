@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .apply.compensate import compensate as _compensate
+from .apply.hf_config import module_widths, update_config
 from .apply.torch_apply import apply_torch
 from .calibration import Calibration, activation_statistics, gradient_statistics
 from .capture.torch_fx import capture_torch
@@ -148,7 +149,9 @@ def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False, calibratio
         raise _bad("plan", "a PruningPlan", type(plan).__name__)
     if compensation is not None and calibration is None and compensation != "none":
         raise InvalidArgumentError(f"compensation '{compensation}' needs calibration= batches")
+    before = module_widths(model)
     slim = apply_torch(model, plan, inplace=inplace)
+    update_config(before, slim)
     if calibration is not None and compensation != "none":
         reference = model if not inplace else None
         if reference is None:

@@ -101,10 +101,20 @@ def apply_torch(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
     return target
 
 
+def _conv1d_hf(mod, old):
+    """Hugging Face ``Conv1D`` (GPT-2): weight ``[in, out]``, ``nf`` outputs."""
+    mod.nf = mod.weight.shape[1]
+
+
+NAMED_RULES = {"Conv1D": _conv1d_hf}  # classes of optional packages, matched by name
+
+
 def _find_rule(mod):
     for cls in type(mod).__mro__:
         if cls in MODULE_RULES:
             return MODULE_RULES[cls]
+        if cls.__name__ in NAMED_RULES and cls.__module__.startswith("transformers"):
+            return NAMED_RULES[cls.__name__]
     return None
 
 

@@ -3,7 +3,8 @@
 The exported program is an aten-level fx graph whose parameter placeholders
 are mapped back to their qualified names through the graph signature.  All
 sizes in an exported graph are literals, so every reshape of a channel axis
-is treated as static (channels do not cross it) — the safe reading.
+is treated as static (channels do not cross it) — the safe reading — except
+trailing axes a reshape leaves intact (see :func:`_static_axes`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ _ELEMENTWISE = {
 _POOL = {"adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2d",
          "max_pool2d_with_indices", "adaptive_avg_pool1d", "upsample_nearest2d",
          "upsample_bilinear2d"}
+
+
+def _static_axes(src, out) -> list[bool]:
+    """Which output sizes of an exported reshape are taken as fixed literals.
+
+    Export bakes every size in, so the code's intent is unknown.  Trailing
+    axes the reshape leaves intact (``[B, T, C] -> [B*T, C]``) are read as
+    following the tensor (the code computes them from the input or from a
+    module attribute that apply rewrites); every other axis is fixed.  The
+    oracle checks the reading after apply.
+    """
+    static = [True] * len(out)
+    for i in range(1, min(len(src), len(out)) + 1):
+        if src[-i] != out[-i] or i == len(out):
+            break
+        static[-i] = False
+    return static
 
 
 def _shape(node):
@@ -100,22 +118,90 @@ class _ExportTranslator:
         elif name in _POOL:
             self.emit(node, "pool", [v(a[0])], {"axes": list(range(2, len(_shape(a[0])[0])))})
         elif name in ("view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze"):
-            static = [True] * len(_shape(node)[0])
-            self.emit(node, "reshape", [v(a[0])], {"static": static})
+            self.emit(node, "reshape", [v(a[0])], {"static": _static_axes(_shape(a[0])[0], _shape(node)[0])})
         elif name == "permute":
             self.emit(node, "permute", [v(a[0])], {"perm": list(a[1])})
         elif name == "cat":
             self.emit(node, "cat", [v(x) for x in a[0]], {"axis": a[1] if len(a) > 1 else 0})
         elif name == "mean":
             self.emit(node, "reduce", [v(a[0])], {"axes": list(a[1]), "keepdim": bool(a[2]) if len(a) > 2 else False})
+        elif name in _EXTRA:
+            _EXTRA[name](self, node)
         else:
             self.emit(node, f"aten:{name}", [v(x) for x in a if isinstance(x, torch.fx.Node)])
 
 
 def capture_export(model: torch.nn.Module, inputs) -> Graph:
-    """Export ``model`` on ``inputs`` and translate the aten graph to the IR."""
+    """Export ``model`` on ``inputs`` and translate the aten graph to the IR.
+
+    Models with a Hugging Face style ``config.use_cache`` are exported with the
+    cache off (its objects are not tensors); the flag is restored afterwards.
+    """
     from .torch_fx import as_args
 
     args, kwargs = as_args(inputs)
-    ep = torch.export.export(model, args, kwargs=kwargs or None, strict=False)
+    config = getattr(model, "config", None)
+    cache = getattr(config, "use_cache", None)
+    if cache:
+        config.use_cache = False
+    try:
+        ep = torch.export.export(model, args, kwargs=kwargs or None, strict=False)
+    finally:
+        if cache:
+            config.use_cache = cache
     return _ExportTranslator(ep).run()
+
+
+# -- ops of transformer models (aten level) ------------------------------------
+
+def _addmm(tr, node):
+    """``addmm(bias, x, W)`` with ``W`` of shape ``[I, O]`` (GPT-2's Conv1D)."""
+    bias, x, w = node.args[:3]
+    tr.emit(node, "linear", [tr.val(x), tr.val(w), tr.val(bias)], {"weight_out_axis": 1})
+
+
+def _transpose(tr, node):
+    x, a, b = node.args[:3]
+    r = len(_shape(x)[0])
+    perm = list(range(r))
+    perm[a % r], perm[b % r] = perm[b % r], perm[a % r]
+    tr.emit(node, "permute", [tr.val(x)], {"perm": perm})
+
+
+def _embedding(tr, node):
+    w, idx = node.args[:2]
+    tr.emit(node, "embedding", [tr.val(idx), tr.val(w)])
+
+
+def _slice(tr, node):
+    x = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else 0
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else 2 ** 62
+    step = node.args[4] if len(node.args) > 4 else 1
+    size = _shape(x)[0][dim]
+    s, e, st = slice(start, end, step).indices(size)
+    tr.emit(node, "slice", [tr.val(x)], {"axes": [dim], "starts": [s], "ends": [e], "steps": [st]})
+
+
+def _expand(tr, node):
+    tr.emit(node, "expand", [tr.val(node.args[0])])
+
+
+def _matmul(tr, node):
+    tr.emit(node, "matmul", [tr.val(a) for a in node.args[:2]])
+
+
+def _softmax(tr, node):
+    tr.emit(node, "softmax", [tr.val(node.args[0])], {"dim": node.args[1]})
+
+
+def _identity(tr, node):
+    tr.emit(node, "identity", [tr.val(node.args[0])])
+
+
+_EXTRA = {
+    "addmm": _addmm, "transpose": _transpose, "t": _transpose, "embedding": _embedding, "slice": _slice,
+    "expand": _expand, "matmul": _matmul, "bmm": _matmul, "softmax": _softmax, "_softmax": _softmax,
+    "to": _identity, "type_as": _identity,
+}

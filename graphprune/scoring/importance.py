@@ -203,7 +203,7 @@ class ActivationImportance(Importance):
 
     def members(self, group):
         return [m for m in super().members(group) if m.role == "out" and m.axis == 0
-                and m.op in ("conv", "linear")]
+                and m.op in ("conv", "linear") and m.slot == 1]
 
     def position_scores(self, values, axis):
         return np.asarray(values, dtype=np.float64).reshape(-1)
@@ -223,7 +223,7 @@ class WandaImportance(Importance):
     statistic = "wanda"
 
     def members(self, group):
-        return [m for m in super().members(group) if m.op in ("conv", "linear")]
+        return [m for m in super().members(group) if m.op in ("conv", "linear") and m.slot == 1]
 
     def position_scores(self, values, axis):
         return np.abs(values).sum(axis=_others(values, axis), dtype=np.float64)
