@@ -20,6 +20,7 @@ from .checks import bad as _bad
 from .checks import check_allocation, check_budget, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
+from .latency import LatencyModel
 from .metrics import count_macs, count_params
 from .planning.budget import make_plan
 from .planning.plan import PruningPlan
@@ -105,7 +106,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
          macs: float | None = None, params: float | None = None, allocation: str = "local",
          normalizer: str = "mean", max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
-         loss_fn=None) -> PruningPlan:
+         loss_fn=None, latency: float | None = None) -> PruningPlan:
     """Decide what to remove (the model is untouched).
 
     One budget: ``ratio`` (fraction of every group's units to remove, default
@@ -114,9 +115,11 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     ranks all units together (scores normalised per group by ``normalizer``,
     at most ``max_ratio`` of any group removed) instead of one ratio per group.
     Data-driven criteria (``taylor``, ``obd``) need ``calibration`` batches;
-    ``loss_fn(output)`` overrides the label-free default loss.
+    ``loss_fn(output)`` overrides the label-free default loss.  ``latency``
+    keeps that fraction of the weight layers' onnxruntime latency, measured
+    per layer on this machine and cached (:mod:`graphprune.latency`).
     """
-    kind, value = check_budget(ratio, macs, params)
+    kind, value = check_budget(ratio, macs, params, latency)
     alloc = check_allocation(allocation, normalizer, max_ratio)
     round_to = check_round_to(round_to)
     scorer = get_importance(importance)
@@ -132,7 +135,8 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
         stats = (gradient_statistics(model, data, scorer.statistic, loss_fn)
                  if scorer.statistic in ("taylor", "fisher") else activation_statistics(model, data, scorer.statistic))
         arrays = StatArrays(stats, arrays)
-    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, **alloc)
+    measure = LatencyModel() if kind == "latency" else None
+    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, **alloc)
 
 
 def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False, calibration=None,
@@ -172,7 +176,8 @@ def compensate(original: nn.Module, pruned: nn.Module, plan: PruningPlan, calibr
 def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2", ignore=None,
           round_to: int = 1, strict: bool = False, inplace: bool = False, macs: float | None = None,
           params: float | None = None, calibration=None, compensation: str | None = None,
-          max_batches: int | None = None, steps: int = 1, **allocation) -> nn.Module:
+          max_batches: int | None = None, steps: int = 1, latency: float | None = None,
+          **allocation) -> nn.Module:
     """``plan`` then ``apply`` in one call (``allocation``: see :func:`plan`).
 
     ``steps=K`` prunes iteratively: K rounds, each re-scoring the model the
@@ -182,12 +187,19 @@ def prune(model: nn.Module, example_inputs, ratio: float | None = None, importan
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise _bad("steps", "a positive integer", steps)
-    kind, value = check_budget(ratio, macs, params)
+    kind, value = check_budget(ratio, macs, params, latency)
+    if steps > 1 and kind == "latency":
+        raise InvalidArgumentError("iterative pruning (steps > 1) takes ratio, macs or params budgets")
     if steps > 1 and inplace:
         raise InvalidArgumentError("iterative pruning (steps > 1) needs inplace=False")
     current = model
     dense = {"macs": lambda m: count_macs(m, example_inputs), "params": count_params}.get(kind)
     base = dense(model) if dense else None
+    if steps == 1:
+        p = plan(model, example_inputs, importance=importance, ignore=ignore, round_to=round_to, strict=strict,
+                 calibration=calibration, max_batches=max_batches, **{kind: value}, **allocation)
+        return apply(model, p, inplace=inplace, calibration=calibration, compensation=compensation,
+                     max_batches=max_batches)
     for k in range(1, steps + 1):
         goal = (1 - value) ** (k / steps) if kind == "ratio" else value ** (k / steps)
         if kind == "ratio":
@@ -198,7 +210,7 @@ def prune(model: nn.Module, example_inputs, ratio: float | None = None, importan
         p = plan(current, example_inputs, importance=importance, ignore=_same_ignore(model, current, ignore),
                  round_to=round_to, strict=strict, calibration=calibration, max_batches=max_batches,
                  **budget, **allocation)
-        current = apply(current, p, inplace=inplace and steps == 1, calibration=calibration,
+        current = apply(current, p, calibration=calibration,
                         compensation=compensation, max_batches=max_batches)
     return current
 

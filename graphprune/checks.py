@@ -21,13 +21,14 @@ def check_round_to(round_to) -> int:
     return round_to
 
 
-def check_budget(ratio, macs, params) -> tuple[str, float]:
-    """Exactly one of ``ratio`` / ``macs`` / ``params`` (default ``ratio=0.5``).
+def check_budget(ratio, macs, params, latency=None) -> tuple[str, float]:
+    """Exactly one of ``ratio`` / ``macs`` / ``params`` / ``latency`` (default ``ratio=0.5``).
 
-    ``ratio`` is the fraction of each group's channels to remove; ``macs`` and
-    ``params`` are the fractions of the dense model's cost to *keep*.
+    ``ratio`` is the fraction of each group's channels to remove; the others
+    are the fractions of the dense model's cost to *keep*.
     """
-    given = {k: v for k, v in (("ratio", ratio), ("macs", macs), ("params", params)) if v is not None}
+    given = {k: v for k, v in (("ratio", ratio), ("macs", macs), ("params", params), ("latency", latency))
+             if v is not None}
     if len(given) > 1:
         raise InvalidArgumentError(f"give one budget, not {' and '.join(given)}")
     if not given:

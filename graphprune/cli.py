@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="fraction of each group's channels to remove (default 0.5)")
     budget.add_argument("--macs", type=float, default=None, help="keep this fraction of the MACs (e.g. 0.5)")
     budget.add_argument("--params", type=float, default=None, help="keep this fraction of the parameters")
+    budget.add_argument("--latency", type=float, default=None,
+                        help="keep this fraction of the measured onnxruntime layer latency (PyTorch models)")
     pr.add_argument("--importance", default="l2", help="importance criterion (l1, l2, random)")
     pr.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
     pr.add_argument("--keep-classifier", action="store_true", default=True, help=argparse.SUPPRESS)
@@ -73,7 +75,7 @@ def cmd_prune(args) -> int:
     print(f"model      {args.model}  ({type(model).__name__})")
     t0 = time.perf_counter()
     plan = gp.plan(model, x, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
-                   strict=args.strict, macs=args.macs, params=args.params)
+                   strict=args.strict, macs=args.macs, params=args.params, latency=args.latency)
     slim = gp.apply(model, plan)
     took = time.perf_counter() - t0
     p0, p1 = gp.count_params(model), gp.count_params(slim)

@@ -14,6 +14,10 @@ def prune_onnx_file(args) -> int:
     from graphprune.capture.onnx_load import load_model
     from graphprune.onnx_api import feeds
 
+    if args.latency is not None:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--latency budgets are measured on PyTorch models for now; use --macs for ONNX")
     src = args.source
     out = args.out or os.path.splitext(src)[0] + ".slim.onnx"
     model = load_model(src)

@@ -78,3 +78,22 @@ def test_iterative_pruning_meets_the_budget_of_the_original(resnet):
     assert 0.38 <= kept <= 0.4
     with pytest.raises(gp.InvalidArgumentError, match="steps"):
         gp.prune(model, x, steps=0)
+
+
+def test_latency_budget_uses_a_cached_per_layer_table(resnet, tmp_path, monkeypatch):
+    from graphprune import latency
+
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "_MEMORY", {})
+    model, x = resnet
+    plan = gp.plan(model, x, latency=0.5, ignore=[model.fc])
+    assert plan.meta["budget"] == {"latency": 0.5} and plan.meta["latency_kept_estimate"] <= 0.5
+    assert (tmp_path / "latency.json").exists()
+    gp.verify(model, gp.apply(model, plan), plan, x)
+    table = latency.LatencyModel()
+    coupling = gp.analyze(model, x)
+    assert table(coupling.graph) > 0 and table.measured == 0, "the dense layers were timed during planning"
+    with pytest.raises(gp.InvalidArgumentError, match="latency must be"):
+        gp.plan(model, x, latency=0)
+    with pytest.raises(gp.InvalidArgumentError, match="iterative"):
+        gp.prune(model, x, latency=0.5, steps=2)

@@ -34,17 +34,25 @@ class _Cached:
         return self.scores[group.id]
 
 
-def plan_cost(coupling, plan, measure: str) -> int:
+def plan_cost(coupling, plan, measure) -> float:
+    """Cost of ``plan`` by ``measure`` (a name in :data:`MEASURES` or a callable
+    ``(graph, shape) -> cost``), counted on the IR without applying it."""
     widths = NewWidths(coupling.state, removed_units(coupling.state, plan))
-    return MEASURES[measure](coupling.graph, widths.shape)
+    return _measure(measure)(coupling.graph, widths.shape)
 
 
-def budget_plan(coupling, planner, target: float, measure: str, steps: int = 14, max_ratio: float = 0.98):
+def _measure(measure):
+    return MEASURES[measure] if isinstance(measure, str) else measure
+
+
+def budget_plan(coupling, planner, target: float, measure, steps: int = 14, max_ratio: float = 0.98,
+                label: str | None = None):
     """The plan of the smallest fraction ``r`` for which ``planner(r)`` keeps
     ``<= target`` of ``measure`` (``planner`` is monotone in ``r``)."""
-    dense = MEASURES[measure](coupling.graph)
+    label = label or measure
+    dense = _measure(measure)(coupling.graph)
     if dense == 0:
-        raise PlanError(f"the model has no {measure} graphprune can count, so a {measure} budget cannot apply")
+        raise PlanError(f"the model has no {label} graphprune can count, so a {label} budget cannot apply")
 
     def attempt(r):
         p = planner(r)
@@ -52,7 +60,7 @@ def budget_plan(coupling, planner, target: float, measure: str, steps: int = 14,
 
     best, frac = attempt(max_ratio)
     if frac > target:
-        raise PlanError(f"{measure} budget {target:.0%} cannot be met: the most graphprune may remove "
+        raise PlanError(f"{label} budget {target:.0%} cannot be met: the most graphprune may remove "
                         f"still keeps {frac:.1%}")
     lo, hi = 0.0, max_ratio
     for _ in range(steps):
@@ -62,7 +70,7 @@ def budget_plan(coupling, planner, target: float, measure: str, steps: int = 14,
             hi, best, frac = mid, p, f
         else:
             lo = mid
-    best.meta.update({"budget": {measure: target}, "ratio": round(hi, 4), f"{measure}_kept_estimate": round(frac, 4)})
+    best.meta.update({"budget": {label: target}, "ratio": round(hi, 4), f"{label}_kept_estimate": round(frac, 4)})
     return best
 
 
@@ -70,12 +78,13 @@ ALLOCATIONS = ("local", "global")
 
 
 def make_plan(coupling, arrays, importance, kind: str, value: float, round_to: int, meta,
-              allocation: str = "local", normalizer: str = "mean", max_ratio: float = 0.9):
+              allocation: str = "local", normalizer: str = "mean", max_ratio: float = 0.9, measure=None):
     """One plan for a budget (checked by :func:`graphprune.checks.check_budget`).
 
     ``local``: the same ratio in every group.  ``global``: one ranking of all
     units, scores normalised per group by ``normalizer``, at most
-    ``max_ratio`` of any group removed.
+    ``max_ratio`` of any group removed.  ``measure`` overrides the cost
+    function of the budget kind (e.g. a measured-latency model).
     """
     scorer = _Cached(importance)
     meta = dict(meta or {}, allocation=allocation)
@@ -89,4 +98,4 @@ def make_plan(coupling, arrays, importance, kind: str, value: float, round_to: i
             return uniform_plan(coupling.groups, arrays, scorer, r, round_to, meta)
     if kind == "ratio":
         return planner(value)
-    return budget_plan(coupling, planner, value, kind)
+    return budget_plan(coupling, planner, value, measure or kind, label=kind)
