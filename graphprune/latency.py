@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 import numpy as np
 import onnx
@@ -85,21 +83,11 @@ def _layer_model(node, shape) -> onnx.ModelProto:
 
 
 def _measure(model: onnx.ModelProto, threads: int, repeats: int) -> float:
-    import onnxruntime as ort
+    from .verify.onnx_verify import median_seconds, session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(session(model, threads=threads), feed, repeats, warmup=1)
 
 
 class LatencyModel:

@@ -10,9 +10,7 @@ seeded random inputs with symbolic dimensions set to 1 are used.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -29,7 +27,7 @@ from .ir.cost import graph_macs
 from .planning.budget import make_plan
 from .planning.plan import PruningPlan
 from .scoring.importance import get_importance
-from .verify.onnx_verify import session
+from .verify.onnx_verify import median_seconds, session
 from .verify.onnx_verify import verify_onnx as _verify
 from .verify.oracle import VerifyReport
 
@@ -174,16 +172,7 @@ def count_macs_onnx(model, inputs=None) -> int:
 def latency_onnx(model, inputs=None, repeats: int = 20, warmup: int = 3, threads: int = 1) -> float:
     """Median wall time (seconds) of one onnxruntime CPU run."""
     m = load_model(model)
-    sess = session(m, threads=threads)
-    f = feeds(m, inputs)
-    for _ in range(warmup):
-        sess.run(None, f)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, f)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(session(m, threads=threads), feeds(m, inputs), repeats, warmup)
 
 
 def save_onnx(model: onnx.ModelProto, path: str) -> None:

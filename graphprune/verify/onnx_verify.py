@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -21,6 +24,18 @@ def session(model: onnx.ModelProto, threads: int = 0):
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def median_seconds(sess, feeds: dict, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``sess.run`` on ``feeds`` after ``warmup`` runs."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def run_onnx(model: onnx.ModelProto, inputs: dict) -> list[np.ndarray]:
