@@ -52,6 +52,7 @@ class Importance:
 
     name = "base"
     statistic = "weight"  # what the arrays hold: weights, or a calibration statistic
+    fallback = False      # score groups without a member this criterion reads by L2
 
     def __init__(self, reduction: str = "sum"):
         if reduction not in REDUCTIONS:
@@ -85,6 +86,8 @@ class Importance:
     def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         table = self.member_scores(group, arrays)
         if table.shape[0] == 0:
+            if self.fallback:  # nothing this criterion reads: score by magnitude instead
+                return L2Importance(self.reduction)(group, getattr(arrays, "weights", arrays))
             return np.zeros(len(group.units))
         return self.finish(np.nan_to_num(_reduce(table, self.reduction)))
 
@@ -139,10 +142,7 @@ class NormScaleImportance(Importance):
     def position_scores(self, values, axis):
         return np.abs(values).astype(np.float64)
 
-    def __call__(self, group, arrays):
-        if not self.members(group):
-            return L2Importance(self.reduction)(group, arrays)
-        return super().__call__(group, arrays)
+    fallback = True
 
 
 @register_importance("fpgm")
@@ -161,10 +161,7 @@ class FPGMImportance(Importance):
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * rows @ rows.T, 0)
         return np.where(sq > 0, np.sqrt(d2).sum(axis=1), 0.0)
 
-    def __call__(self, group, arrays):
-        if not self.members(group):
-            return L2Importance(self.reduction)(group, arrays)
-        return super().__call__(group, arrays)
+    fallback = True
 
 
 @register_importance("taylor")
@@ -208,10 +205,7 @@ class ActivationImportance(Importance):
     def position_scores(self, values, axis):
         return np.asarray(values, dtype=np.float64).reshape(-1)
 
-    def __call__(self, group, arrays):
-        if not self.members(group) or any(m.param not in arrays for m in self.members(group)):
-            return L2Importance(self.reduction)(group, _WeightsOnly(arrays))
-        return super().__call__(group, arrays)
+    fallback = True
 
 
 @register_importance("wanda")
@@ -228,10 +222,7 @@ class WandaImportance(Importance):
     def position_scores(self, values, axis):
         return np.abs(values).sum(axis=_others(values, axis), dtype=np.float64)
 
-    def __call__(self, group, arrays):
-        if not any(m.param in arrays for m in self.members(group)):
-            return L2Importance(self.reduction)(group, _WeightsOnly(arrays))
-        return super().__call__(group, arrays)
+    fallback = True
 
 
 class StatArrays(dict):
@@ -242,9 +233,6 @@ class StatArrays(dict):
         super().__init__(stats)
         self.weights = weights
 
-
-def _WeightsOnly(arrays):
-    return getattr(arrays, "weights", arrays)
 
 
 @register_importance("random")

@@ -30,10 +30,16 @@ class ConvRule(Rule):
             st.uf.union_arrays(blocks[:, :1], blocks)
         add_param_member(st, w, 0, "out", out, node)
         add_param_member(st, b, 0, "out", out, node)
-        rest = fix_axes(st, st.get(x), range(2, x.rank), f"{node.describe()}: labelled spatial axis")
-        lm = others(rest, 1)
-        lm[(1,)] = out
-        st.set(node.outputs[0], lm)
+        _channels_out(node, st, x, out)
+
+
+def _channels_out(node, st, x, out) -> None:
+    """Output of a conv-like op: channel axis 1 carries ``out``; labelled
+    spatial axes are fixed (their positions mix), others pass through."""
+    rest = fix_axes(st, st.get(x), range(2, x.rank), f"{node.describe()}: labelled spatial axis")
+    lm = others(rest, 1)
+    lm[(1,)] = out
+    st.set(node.outputs[0], lm)
 
 
 @register("linear")
@@ -133,10 +139,7 @@ class ConvTransposeRule(Rule):
             st.fix(xin, f"{node.describe()}: grouped transposed conv")
             out = st.uf.fresh(w.shape[1] * groups)
             st.fix(out, f"{node.describe()}: grouped transposed conv")
-        rest = fix_axes(st, st.get(x), range(2, x.rank), f"{node.describe()}: labelled spatial axis")
-        lm = others(rest, 1)
-        lm[(1,)] = out
-        st.set(node.outputs[0], lm)
+        _channels_out(node, st, x, out)
 
 
 @register("group_norm")
