@@ -7,6 +7,7 @@
 """
 
 from .api import analyze, apply, compensate, plan, prune, verify
+from .apply.hf_config import load_pretrained
 from .apply.onnx_export import export_onnx, fold_batchnorm
 from .coupling import list_rules
 from .errors import (
@@ -36,6 +37,7 @@ from .scoring import Importance, list_importance, register_importance
 __version__ = "0.1.0"
 
 __all__ = [
+    "load_pretrained",
     "analyze", "apply", "compensate", "plan", "prune", "verify", "count_macs", "count_params", "list_rules",
     "PruningPlan", "PlanGroup", "PlanMember", "Importance", "list_importance", "register_importance",
     "GraphPruneError", "CaptureError", "InvalidArgumentError", "PlanError", "UnsupportedOpError",

@@ -17,7 +17,7 @@ from .apply.torch_apply import apply_torch
 from .calibration import Calibration, activation_statistics, gradient_statistics
 from .capture.torch_fx import capture_torch
 from .checks import bad as _bad
-from .checks import check_allocation, check_budget, check_round_to
+from .checks import check_allocation, check_budget, check_ratio, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
 from .latency import LatencyModel
@@ -106,7 +106,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
          macs: float | None = None, params: float | None = None, allocation: str = "local",
          normalizer: str = "mean", max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
-         loss_fn=None, latency: float | None = None) -> PruningPlan:
+         loss_fn=None, latency: float | None = None, heads: float = 0.0) -> PruningPlan:
     """Decide what to remove (the model is untouched).
 
     One budget: ``ratio`` (fraction of every group's units to remove, default
@@ -118,7 +118,13 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     ``loss_fn(output)`` overrides the label-free default loss.  ``latency``
     keeps that fraction of the weight layers' onnxruntime latency, measured
     per layer on this machine and cached (:mod:`graphprune.latency`).
+    ``heads`` is the fraction of whole attention heads to remove in every
+    attention layer (with grouped-query attention a unit is a KV head with
+    its query heads); given alone, channels are kept (``ratio=0``).
     """
+    heads = check_ratio(heads, "heads")
+    if heads and ratio is macs is params is latency is None:
+        ratio = 0.0
     kind, value = check_budget(ratio, macs, params, latency)
     alloc = check_allocation(allocation, normalizer, max_ratio)
     round_to = check_round_to(round_to)
@@ -136,7 +142,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
                  if scorer.statistic in ("taylor", "fisher") else activation_statistics(model, data, scorer.statistic))
         arrays = StatArrays(stats, arrays)
     measure = LatencyModel() if kind == "latency" else None
-    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, **alloc)
+    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, heads=heads, **alloc)
 
 
 def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False, calibration=None,
@@ -200,7 +206,9 @@ def prune(model: nn.Module, example_inputs, ratio: float | None = None, importan
                  calibration=calibration, max_batches=max_batches, **{kind: value}, **allocation)
         return apply(model, p, inplace=inplace, calibration=calibration, compensation=compensation,
                      max_batches=max_batches)
+    heads = check_ratio(allocation.pop("heads", 0.0), "heads")
     for k in range(1, steps + 1):
+        allocation["heads"] = 1 - (1 - heads) ** (1 / steps)  # the same share of the remaining heads each round
         goal = (1 - value) ** (k / steps) if kind == "ratio" else value ** (k / steps)
         if kind == "ratio":
             prev = (1 - value) ** ((k - 1) / steps)

@@ -9,9 +9,9 @@ def bad(name: str, expected: str, got) -> InvalidArgumentError:
     return InvalidArgumentError(f"{name} must be {expected}, got {got!r}")
 
 
-def check_ratio(ratio) -> float:
+def check_ratio(ratio, name: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise bad("ratio", "a number in [0, 1)", ratio)
+        raise bad(name, "a number in [0, 1)", ratio)
     return float(ratio)
 
 

@@ -16,22 +16,34 @@ def bert():
     return transformers.BertModel(cfg), "intermediate_size"
 
 
-def llama():  # grouped-query attention: 4 query heads, 2 KV heads
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+def llama():  # grouped-query attention: 8 query heads, 4 KV heads
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                                    intermediate_size=128, vocab_size=100)
     return transformers.LlamaForCausalLM(cfg), "intermediate_size"
 
 
 def mistral():
-    cfg = transformers.MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    cfg = transformers.MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                     num_key_value_heads=4, intermediate_size=128, vocab_size=100)
     return transformers.MistralForCausalLM(cfg), "intermediate_size"
 
 
 def qwen2():
-    cfg = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    cfg = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=4, intermediate_size=128, vocab_size=100)
     return transformers.Qwen2ForCausalLM(cfg), "intermediate_size"
+
+
+def llama_mha():  # 4 query heads, 4 KV heads: 3 heads left cannot be said by config (64 % 3)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   intermediate_size=128, vocab_size=100)
+    return transformers.LlamaForCausalLM(cfg), "intermediate_size"
+
+
+def vit():
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8)
+    return transformers.ViTModel(cfg), "intermediate_size"
 
 
 def gpt2():  # Conv1D layers, weight [in, out]
@@ -41,8 +53,67 @@ def gpt2():  # Conv1D layers, weight [in, out]
 
 def logits(model, ids):
     with torch.no_grad():
-        out = model(input_ids=ids)
+        out = model(**ids) if isinstance(ids, dict) else model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def inputs_for(model):
+    if isinstance(model, transformers.ViTModel):
+        return {"pixel_values": torch.randn(2, 3, 32, 32)}
+    return {"input_ids": torch.randint(0, 100, (2, 8))}
+
+
+def heads_of(model):
+    """(query heads, KV heads) of every attention layer, read from the projections."""
+    from graphprune.apply.torch_apply import rewrite_head_counts
+
+    return sorted(set(rewrite_head_counts(model).values()))
+
+
+HEAD_MODELS = [bert, llama, llama_mha, mistral, qwen2, gpt2, vit]
+
+
+@pytest.mark.parametrize("build", HEAD_MODELS)
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_heads_and_mlp_pruned_exactly_and_reload(build, share, tmp_path):
+    """Whole heads (GQA: a KV head with its query heads) and MLP channels go
+    together; verify is exact, attributes and config follow, and the saved
+    model comes back with the same outputs through gp.load_pretrained (and
+    through from_pretrained itself when the config can describe it)."""
+    torch.manual_seed(0)
+    model, _ = build()
+    model.eval()
+    x = inputs_for(model)
+    snap = snapshot(model)
+    (heads0, kv0), = heads_of(model)
+    plan = gp.plan(model, x, ratio=share, heads=share)
+    slim = gp.apply(model, plan)
+    assert_untouched(model, snap)
+    head_groups = [g for g in plan.groups if g.kind == "head"]
+    assert len(head_groups) == 2 and all(g.kept_units == g.width - int(share * g.width) for g in head_groups)
+    report = gp.verify(model, slim, plan, x)
+    assert report.exact and report.max_abs_diff <= report.tolerance
+    assert logits(slim, x).shape == logits(model, x).shape
+    (heads, kv), = heads_of(slim)
+    assert heads < heads0 and heads // kv == heads0 // kv0  # GQA: query heads per KV head kept
+    slim.save_pretrained(tmp_path)
+    again = gp.load_pretrained(str(tmp_path))
+    assert type(again) is type(model) and torch.allclose(logits(again, x), logits(slim, x), atol=1e-5)
+    if not getattr(slim.config, "graphprune_shapes", None):
+        native = type(model).from_pretrained(tmp_path).eval()
+        assert torch.allclose(logits(native, x), logits(slim, x), atol=1e-5)
+        assert slim.config.num_attention_heads == heads
+
+
+def test_heads_budget_is_validated_and_never_empties_a_layer():
+    torch.manual_seed(0)
+    model, _ = llama()
+    x = inputs_for(model.eval())
+    with pytest.raises(gp.InvalidArgumentError, match="heads"):
+        gp.plan(model, x, heads=1.0)
+    plan = gp.plan(model, x, heads=0.9)  # 4 KV groups per layer: one must stay
+    assert {g.kept_units for g in plan.groups} == {1} and all(g.kind == "head" for g in plan.groups)
+    assert gp.plan(model, x, ratio=0.5).groups and all(g.kind == "channel" for g in gp.plan(model, x, ratio=0.5).groups)
 
 
 @pytest.mark.parametrize("build", [bert, llama, mistral, qwen2, gpt2])

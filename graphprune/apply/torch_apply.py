@@ -98,7 +98,69 @@ def apply_torch(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
         rule = _find_rule(mod)
         if rule is not None:
             rule(mod, old)
+    rewrite_head_counts(target)
     return target
+
+
+# -- attention modules: head counts follow the projections ------------------------
+
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+_Q = ("q_proj", "query", "q", "q_lin")
+_K = ("k_proj", "key", "k", "k_lin")
+_FUSED = ("c_attn", "qkv", "Wqkv", "query_key_value")  # q, k, v packed in one projection
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _proj_width(mod: nn.Module | None) -> int | None:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features
+    if mod is not None and type(mod).__name__ == "Conv1D":
+        return mod.weight.shape[1]
+    return None
+
+
+def _head_counts(attn: nn.Module, hd: int) -> tuple[int, int] | None:
+    """(query heads, KV heads) implied by ``attn``'s projection widths."""
+    for q, k in zip(_Q, _K):
+        wq, wk = _proj_width(getattr(attn, q, None)), _proj_width(getattr(attn, k, None))
+        if wq is not None:
+            return wq // hd, (wk // hd if wk is not None else wq // hd)
+    for f in _FUSED:
+        w = _proj_width(getattr(attn, f, None))
+        if w is not None and w % 3 == 0:
+            return w // 3 // hd, w // 3 // hd
+    return None
+
+
+def rewrite_head_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Make every attention module's head-count attributes match its projections.
+
+    An attention module is one with an integer head-dim attribute
+    (:data:`HEAD_DIM_ATTRS`) and q/k projections (or a packed qkv) as
+    children.  Whole heads are removed by apply, so ``head_dim`` is unchanged
+    and ``num_heads``-style attributes, ``num_key_value_groups``,
+    ``all_head_size`` and GPT-2's ``split_size`` are set from the widths.
+    Returns ``{module name: (heads, kv_heads)}`` of every attention module.
+    Raises :class:`PlanError` when a projection is not a whole number of heads.
+    """
+    counts_of = {}
+    for name, attn in model.named_modules():
+        hd = next((getattr(attn, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(attn, a, None), int)), None)
+        counts = _head_counts(attn, hd) if hd else None
+        if counts is None:
+            continue
+        heads, kv = counts
+        widths = [_proj_width(getattr(attn, n, None)) for n in _Q + _K + _FUSED]
+        if any(w is not None and w % hd for w in widths):
+            raise PlanError(f"'{name}': projection widths {[w for w in widths if w]} are not whole heads of {hd}")
+        new = {a: heads for a in _HEADS} | {a: kv for a in _KV_HEADS}
+        new |= {"num_key_value_groups": heads // max(kv, 1), "all_head_size": heads * hd, "split_size": heads * hd}
+        for a, v in new.items():
+            if isinstance(getattr(attn, a, None), int) and getattr(attn, a) != v:
+                setattr(attn, a, v)
+        counts_of[name] = (heads, kv)
+    return counts_of
 
 
 def _conv1d_hf(mod, old):

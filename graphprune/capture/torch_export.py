@@ -28,20 +28,64 @@ _POOL = {"adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2
          "upsample_bilinear2d"}
 
 
+def _factor_blocks(src, out):
+    """Pair runs of ``src`` and ``out`` axes with equal products, left to right.
+
+    Returns ``[(src_axes, out_axes), ...]`` covering both shapes; size-1 axes
+    form blocks of their own where they can.  ``None`` if the shapes do not
+    factor into blocks (a zero-sized axis).
+    """
+    blocks, i, j = [], 0, 0
+    while i < len(src) or j < len(out):
+        if i < len(src) and src[i] == 1 and (j >= len(out) or out[j] != 1):
+            blocks.append(([i], []))
+            i += 1
+            continue
+        if j < len(out) and out[j] == 1 and (i >= len(src) or src[i] != 1):
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(out):
+            return None
+        si, oj, ps, po = [i], [j], src[i], out[j]
+        i, j = i + 1, j + 1
+        while ps != po:
+            if ps < po and i < len(src):
+                ps, si, i = ps * src[i], si + [i], i + 1
+            elif po < ps and j < len(out):
+                po, oj, j = po * out[j], oj + [j], j + 1
+            else:
+                return None
+        blocks.append((si, oj))
+    return blocks
+
+
 def _static_axes(src, out) -> list[bool]:
     """Which output sizes of an exported reshape are taken as fixed literals.
 
-    Export bakes every size in, so the code's intent is unknown.  Trailing
-    axes the reshape leaves intact (``[B, T, C] -> [B*T, C]``) are read as
-    following the tensor (the code computes them from the input or from a
-    module attribute that apply rewrites); every other axis is fixed.  The
-    oracle checks the reading after apply.
+    Export bakes every size in, so the code's intent is unknown; this is the
+    reading transformer code follows, and the oracle checks it after apply.
+    The shapes are split into blocks of axes with equal products:
+
+    * one axis to one axis: the size follows the tensor;
+    * axes merged into one (``[B, T, H, D] -> [B, T, H*D]``, GQA's
+      ``[B, KV, rep, T, D] -> [B, KV*rep, T, D]``): the merged size follows;
+    * one axis split in several (``[B, T, C] -> [B, T, H, D]``): the first
+      output axis follows (``-1`` or a head count apply rewrites), the others
+      (``head_dim``) are literals — so labels are unified across them and
+      whole heads become the units;
+    * anything else: literal.
+
+    The leading axis (batch) is always literal.
     """
     static = [True] * len(out)
-    for i in range(1, min(len(src), len(out)) + 1):
-        if src[-i] != out[-i] or i == len(out):
-            break
-        static[-i] = False
+    for s_axes, o_axes in _factor_blocks(src, out) or []:
+        if not o_axes or (not s_axes and len(o_axes) == 1):
+            continue
+        if len(o_axes) == 1 or len(s_axes) == 1:
+            static[o_axes[0]] = False
+    if out:
+        static[0] = True
     return static
 
 
@@ -196,6 +240,26 @@ def _softmax(tr, node):
     tr.emit(node, "softmax", [tr.val(node.args[0])], {"dim": node.args[1]})
 
 
+def _sdpa(tr, node):
+    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, *, scale, enable_gqa)``."""
+    a, kw = node.args, node.kwargs
+    mask = a[3] if len(a) > 3 else kw.get("attn_mask")
+    scale = a[6] if len(a) > 6 else kw.get("scale")
+    gqa = a[7] if len(a) > 7 else kw.get("enable_gqa", False)
+    tr.emit(node, "sdpa", [tr.val(x) for x in a[:3]] + [tr.val(mask) if mask is not None else None],
+            {"scale_given": scale is not None, "enable_gqa": bool(gqa)})
+
+
+def _split(tr, node):
+    """``split(x, size, dim)`` / ``split_with_sizes`` / ``chunk``: equal pieces are
+    read as an even split of the (pruned) width — ``chunk`` or a size attribute
+    apply rewrites (GPT-2's ``split_size``); unequal literal sizes are fixed."""
+    x = node.args[0]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    sizes = [s[dim] for s in _shape(node)]
+    tr.emit(node, "split", [tr.val(x)], {"axis": dim, "sizes": sizes, "equal": len(set(sizes)) == 1})
+
+
 def _identity(tr, node):
     tr.emit(node, "identity", [tr.val(node.args[0])])
 
@@ -203,5 +267,6 @@ def _identity(tr, node):
 _EXTRA = {
     "addmm": _addmm, "transpose": _transpose, "t": _transpose, "embedding": _embedding, "slice": _slice,
     "expand": _expand, "matmul": _matmul, "bmm": _matmul, "softmax": _softmax, "_softmax": _softmax,
-    "to": _identity, "type_as": _identity,
+    "to": _identity, "type_as": _identity, "scaled_dot_product_attention": _sdpa,
+    "split": _split, "split_with_sizes": _split, "chunk": _split,
 }

@@ -35,7 +35,9 @@ class GroupMember:
 @dataclass
 class Group:
     """Coupled parameter slices.  ``units`` are ordered; ``prunable[i]`` says
-    whether unit ``i`` may be removed, ``reasons`` why some may not."""
+    whether unit ``i`` may be removed, ``reasons`` why some may not.
+    ``kind`` is ``"head"`` when the units are whole attention heads (one
+    unit spans ``head_dim`` positions of each projection), else ``"channel"``."""
 
     id: int
     kind: str
@@ -145,7 +147,8 @@ def _unit_status(st, roots, units) -> dict:
         if u not in produced:
             fixed.setdefault(u, "no layer produces these positions")
     lossy = set(roots[sorted(st.lossy)].tolist()) if st.lossy else set()
-    return {"fixed": fixed, "lossy": lossy}
+    heads = set(roots[sorted(st.heads)].tolist()) if st.heads else set()
+    return {"fixed": fixed, "lossy": lossy, "heads": heads}
 
 
 def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
@@ -160,7 +163,8 @@ def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
     ulist = units.tolist()
     fixed = status["fixed"]
     reasons = sorted({fixed[u] for u in ulist if u in fixed})
-    return Group(0, "channel", ulist, members, [u not in fixed for u in ulist],
+    kind = "head" if any(u in status["heads"] for u in ulist) else "channel"
+    return Group(0, kind, ulist, members, [u not in fixed for u in ulist],
                  any(u in status["lossy"] for u in ulist), reasons)
 
 

@@ -110,6 +110,7 @@ class CouplingState:
     fixed: set[int] = field(default_factory=set)
     fixed_reasons: dict[int, str] = field(default_factory=dict)
     lossy: set[int] = field(default_factory=set)
+    heads: set[int] = field(default_factory=set)
     produced: list[np.ndarray] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
     node_index: dict[str, int] = field(default_factory=dict)
@@ -183,6 +184,10 @@ class CouplingState:
 
     def mark_lossy(self, ids) -> None:
         self.lossy.update(int(x) for x in np.asarray(ids).ravel())
+
+    def mark_heads(self, ids) -> None:
+        """These ids are attention heads: their groups have kind ``"head"``."""
+        self.heads.update(int(x) for x in np.asarray(ids).ravel())
 
 
 # -- pure helpers on LabelMaps ----------------------------------------------

@@ -41,12 +41,24 @@ def plan_group(group: Group, scores: np.ndarray, n_remove: int) -> PlanGroup | N
     return PlanGroup(group.id, group.kind, group.width, group.width - n_remove, group.lossy, tuple(members))
 
 
+def _ratio_of(group: Group, ratio: float | Mapping[str, float]) -> float:
+    """``ratio`` for a channel group; a mapping gives one ratio per group kind."""
+    if isinstance(ratio, Mapping):
+        return float(ratio.get(group.kind, 0.0))
+    return ratio if group.kind == "channel" else 0.0
+
+
 def uniform_plan(groups: list[Group], arrays: Mapping[str, np.ndarray], importance,
-                 ratio: float, round_to: int = 1, meta=None) -> PruningPlan:
-    """Prune every prunable group by ``ratio`` using ``importance`` scores."""
+                 ratio: float | Mapping[str, float], round_to: int = 1, meta=None) -> PruningPlan:
+    """Prune every prunable group by its kind's ratio using ``importance`` scores.
+
+    ``ratio``: a float for channel groups (head groups are then kept), or
+    ``{"channel": r, "head": h}``.  ``round_to`` applies to channel groups;
+    a head group's units are whole heads already.
+    """
     planned = []
     for g in groups:
-        k = n_to_remove(g, ratio, round_to)
+        k = n_to_remove(g, _ratio_of(g, ratio), round_to if g.kind == "channel" else 1)
         if k:
             pg = plan_group(g, importance(g, arrays), k)
             if pg is not None:
@@ -109,10 +121,17 @@ def global_counts(groups: list[Group], scores: dict, fraction: float, round_to: 
 
 
 def global_plan(groups: list[Group], arrays: Mapping[str, np.ndarray], importance, fraction: float,
-                round_to: int = 1, meta=None, normalizer: str = "mean", max_ratio: float = 0.9) -> PruningPlan:
-    """Prune the globally lowest-ranked ``fraction`` of units (see :func:`global_counts`)."""
-    scores = {g.id: importance(g, arrays) for g in groups if g.n_prunable}
-    counts = global_counts(groups, scores, fraction, round_to, normalizer, max_ratio)
+                round_to: int = 1, meta=None, normalizer: str = "mean", max_ratio: float = 0.9,
+                heads: float = 0.0) -> PruningPlan:
+    """Prune the globally lowest-ranked ``fraction`` of channel units (see
+    :func:`global_counts`); head groups lose ``heads`` of their heads each."""
+    channel = [g for g in groups if g.kind == "channel"]
+    scores = {g.id: importance(g, arrays) for g in channel if g.n_prunable}
+    counts = global_counts(channel, scores, fraction, round_to, normalizer, max_ratio)
+    for g in groups:
+        if g.kind != "channel" and g.n_prunable:
+            counts[g.id] = n_to_remove(g, heads)
     planned = [pg for g in groups if counts.get(g.id)
-               for pg in [plan_group(g, scores[g.id], counts[g.id])] if pg is not None]
+               for pg in [plan_group(g, scores[g.id] if g.id in scores else importance(g, arrays), counts[g.id])]
+               if pg is not None]
     return PruningPlan(tuple(planned), dict(meta or {}))

@@ -53,6 +53,52 @@ class SwinAttentionRule(Rule):
         st.set(node.outputs[0], lm)
 
 
+@register("sdpa")
+class ScaledDotProductAttentionRule(Rule):
+    """``softmax(q k^T * scale + mask) v`` on ``[..., heads, tokens, dim]``.
+
+    * Heads: q, k and v heads are unified one to one; with grouped-query
+      attention (``enable_gqa``, ``H = g * H_kv``) query head ``h`` is unified
+      with KV head ``h // g``, so a unit is a KV head with all its query
+      heads.  Head labels are marked as heads (the ``heads=`` budget).
+    * q/k head dims are contracted together: unified, and lossy unless the
+      scale is passed explicitly (the default scale reads the width).
+    * v's head dim is the output's; token axes and the mask are fixed
+      (positions are mixed).
+    """
+
+    def apply(self, node, st):
+        q, k, v, mask = node.inputs[:4]
+        why = node.describe()
+        for x in (q, k, v):
+            keep = {(x.rank - 3,), (x.rank - 1,)}
+            st.fix_map({ax: a for ax, a in st.get(x).items() if ax not in keep}, f"{why}: mixed positions")
+        if mask is not None:
+            st.fix_map(st.get(mask), f"{why}: attention mask")
+        hq, hk, hv = (channel_ids(st, x, x.rank - 3, why) for x in (q, k, v))
+        st.uf.union_arrays(hk, hv)
+        if len(hq) != len(hk):
+            if not node.attrs.get("enable_gqa") or len(hq) % len(hk):
+                st.fix(hq, f"{why}: {len(hq)} query heads cannot share {len(hk)} KV heads")
+                st.fix(hk, f"{why}: {len(hq)} query heads cannot share {len(hk)} KV heads")
+            else:
+                st.uf.union_arrays(hq, np.repeat(hk, len(hq) // len(hk)))
+        else:
+            st.uf.union_arrays(hq, hk)
+        st.mark_heads(hq)
+        st.mark_heads(hk)
+        if (q.rank - 1,) in st.get(q) or (k.rank - 1,) in st.get(k):  # head-dim channels
+            dq, dk = channel_ids(st, q, q.rank - 1, why), channel_ids(st, k, k.rank - 1, why)
+            st.uf.union_arrays(dq, dk)
+            if not node.attrs.get("scale_given"):
+                st.mark_lossy(dq)
+        out = node.outputs[0]
+        lm = {(out.rank - 3,): hq}
+        if (v.rank - 1,) in st.get(v):
+            lm[(out.rank - 1,)] = st.get(v)[(v.rank - 1,)]
+        st.set(out, lm)
+
+
 def _attention_members(node, st, ids, heads):
     """Members shared by the packed-qkv attention rules (inputs 3..6)."""
     grid = ids.reshape(heads, -1)

@@ -173,6 +173,8 @@ class MatMulRule(Rule):
         st.uf.union_arrays(channel_ids(st, a, a.rank - 1, why), channel_ids(st, b, b.rank - 2, why))
         batch = [_leading(st, v, why) for v in (a, b)]
         lm = _unify_leading(st, node, batch, out.rank - 2)
+        for arr in lm.values():  # channels on batch axes of a matmul: attention heads
+            st.mark_heads(arr)
         for v, axis, dst in ((a, a.rank - 2, out.rank - 2), (b, b.rank - 1, out.rank - 1)):
             ent = st.get(v).get((axis,))
             if ent is not None:

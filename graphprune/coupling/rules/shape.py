@@ -111,6 +111,10 @@ class ReshapeRule(Rule):
                 first = np.take(lab, [0], axis=i)
                 st.uf.union_arrays(first, lab)
             index = tuple(slice(None) if a in dyn else 0 for a in new_axes)
+            if tuple(dyn) in lm:  # two entries merged into one axis: neither can follow alone
+                st.fix(lm.pop(tuple(dyn)), f"{node.describe()}: two channel axes merged")
+                st.fix(arr, f"{node.describe()}: two channel axes merged")
+                continue
             lm[tuple(dyn)] = np.ascontiguousarray(lab[index])
         self._tie_sources(node, st, lm)
         st.set(out, lm)
