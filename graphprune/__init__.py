@@ -12,23 +12,37 @@ from .apply.onnx_export import export_onnx, fold_batchnorm
 from .coupling import list_rules
 from .errors import (
                      CaptureError,
+                     FoldError,
                      GraphPruneError,
                      InvalidArgumentError,
                      PlanError,
                      UnsupportedOpError,
                      VerificationError,
 )
+from .layerfold import (
+                     FoldPlan,
+                     FoldReport,
+                     FoldStep,
+                     apply_fold,
+                     apply_fold_onnx,
+                     fold,
+                     fold_onnx,
+                     plan_fold,
+                     plan_fold_onnx,
+)
+from .layerfold.blocks import BlockReport, BlockScore, block_report, remove_blocks
+from .layerfold.collapse import ActivationReport, ActivationStat, activation_report, choose_linearise
 from .metrics import count_macs, count_params
 from .onnx_api import (
-                       analyze_onnx,
-                       apply_onnx,
-                       count_macs_onnx,
-                       count_params_onnx,
-                       latency_onnx,
-                       plan_onnx,
-                       prune_onnx,
-                       save_onnx,
-                       verify_onnx,
+                     analyze_onnx,
+                     apply_onnx,
+                     count_macs_onnx,
+                     count_params_onnx,
+                     latency_onnx,
+                     plan_onnx,
+                     prune_onnx,
+                     save_onnx,
+                     verify_onnx,
 )
 from .planning.plan import PlanGroup, PlanMember, PruningPlan
 from .regularize import BNL1, GroupLasso
@@ -44,4 +58,8 @@ __all__ = [
     "VerificationError", "analyze_onnx", "plan_onnx", "apply_onnx", "prune_onnx", "verify_onnx",
     "count_params_onnx", "count_macs_onnx", "latency_onnx", "save_onnx", "export_onnx", "fold_batchnorm",
     "GroupLasso", "BNL1",
+    "fold", "plan_fold", "apply_fold", "fold_onnx", "plan_fold_onnx", "apply_fold_onnx",
+    "FoldPlan", "FoldStep", "FoldReport", "FoldError",
+    "block_report", "remove_blocks", "BlockReport", "BlockScore",
+    "activation_report", "choose_linearise", "ActivationReport", "ActivationStat",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``graphprune prune`` and ``graphprune inspect``.
+"""Command line: ``graphprune prune``, ``graphprune inspect`` and ``graphprune fold``.
 
 Errors print one line (``graphprune: error: ...``) and exit with status 2;
 no traceback unless ``GRAPHPRUNE_DEBUG=1``.
@@ -40,7 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("source", nargs="?", help="an .onnx file to inspect (default: --model)")
     ins.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     ins.add_argument("--all", action="store_true", help="also list groups that cannot be pruned")
+    _fold_parser(sub)
     return p
+
+
+def _fold_parser(sub) -> None:
+    fo = sub.add_parser("fold", help="fold BatchNorms and adjacent linear layers (LayerFold), verify and save")
+    fo.add_argument("source", nargs="?", help="an .onnx file to fold (or use --model)")
+    fo.add_argument("--model", default=None, help="a PyTorch model spec instead, e.g. torchvision:resnet18")
+    fo.add_argument("-o", "--out", default=None,
+                    help="where to write the folded model (default <source>.folded.onnx, or folded.pt)")
+    fo.add_argument("--linearise", nargs="+", action="extend", default=[], metavar="NAME",
+                    help="activation nodes (ONNX node names, or fx names for --model) to treat as identity")
+    fo.add_argument("--force", action="store_true",
+                    help="also fold pairs that are exact only away from the border (moved padding); "
+                         "their error is measured and printed")
+    fo.add_argument("--allow-costlier", action="store_true",
+                    help="fold pairs even where the merged layer costs more MACs than the two it replaces")
 
 
 def fmt(n: float) -> str:
@@ -130,10 +146,67 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_fold(args) -> int:
+    from .errors import InvalidArgumentError
+
+    if args.source is not None and args.model is not None:
+        raise InvalidArgumentError("fold takes an .onnx file or --model, not both")
+    if _is_onnx(args):
+        from .cli_onnx import fold_onnx_file
+
+        return fold_onnx_file(args)
+    if args.model is None:
+        raise InvalidArgumentError("fold needs an .onnx file or --model SPEC (e.g. torchvision:resnet18)")
+    import torch
+
+    from graphprune.layerfold import fold
+    from graphprune.zoo import build
+
+    out = args.out or "folded.pt"
+    model, x = build(args.model)
+    print(f"model      {args.model}  ({type(model).__name__})")
+    folded, report = fold(model, x, linearise=args.linearise, force=args.force,
+                          only_if_cheaper=not args.allow_costlier)
+    print_fold_report(report)
+    tmp = out + ".tmp"
+    try:
+        torch.save(folded, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote      {out} (torch.save of the module)")
+    return 0
+
+
+def print_fold_report(report, limit: int = 12) -> None:
+    """The fold summary of ``graphprune fold``: folds by kind, refusals with reasons, depth, MACs, check."""
+    plan = report.plan
+    kinds = {}
+    for step in plan.folds:
+        key = step.kind + (f"/{step.where}" if step.where else "")
+        kinds[key] = kinds.get(key, 0) + 1
+    print(f"folded     {', '.join(f'{n} {k}' for k, n in kinds.items()) or 'nothing'}"
+          f"{f' ({len(plan.forced)} forced)' if plan.forced else ''}")
+    for step in plan.refused[:limit]:
+        print(f"refused    {step.kind} {' + '.join(step.modules)}: {step.reason}")
+    if len(plan.refused) > limit:
+        print(f"refused    ... and {len(plan.refused) - limit} more")
+    if "nodes_before" in plan.meta:
+        print(f"nodes      {plan.meta['nodes_before']} -> {plan.meta['nodes_after']}")
+    print(f"depth      {report.depth_before} -> {report.depth_after} conv/linear layers")
+    m0, m1 = report.macs_before, report.macs_after
+    print(f"MACs       {fmt(m0)} -> {fmt(m1)}  ({m1 / max(m0, 1):.1%} kept)")
+    print(f"verify     max |output diff| {report.max_abs_diff:.3g} vs the unfolded model "
+          f"(tolerance {report.tolerance:.3g}): OK")
+    if report.forced_max_abs_diff is not None:
+        print(f"forced     forced folds change outputs by up to {report.forced_max_abs_diff:.3g}")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"prune": cmd_prune, "inspect": cmd_inspect}[args.command](args)
+        return {"prune": cmd_prune, "inspect": cmd_inspect, "fold": cmd_fold}[args.command](args)
     except GraphPruneError as err:
         if os.environ.get("GRAPHPRUNE_DEBUG"):
             raise

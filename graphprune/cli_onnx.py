@@ -1,12 +1,13 @@
-"""``graphprune prune model.onnx``: plan, apply, verify with onnxruntime, then
-write the slim file (only once everything passed) and its plan."""
+"""``graphprune prune model.onnx`` and ``graphprune fold model.onnx``: plan,
+apply, verify with onnxruntime, then write the result (only once everything
+passed; atomically)."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from .cli import fmt
+from .cli import fmt, print_fold_report
 
 
 def prune_onnx_file(args) -> int:
@@ -48,4 +49,28 @@ def prune_onnx_file(args) -> int:
     with open(plan_path, "w") as f:
         f.write(plan.to_json(indent=1))
     print(f"wrote      {out} and {plan_path}")
+    return 0
+
+
+def fold_onnx_file(args) -> int:
+    """``graphprune fold model.onnx -o shallow.onnx``; the source file is never written."""
+    import graphprune as gp
+    from graphprune.capture.onnx_load import load_model
+    from graphprune.layerfold.onnx_fold import fold_onnx
+
+    from .errors import InvalidArgumentError
+
+    src = args.source
+    out = args.out or os.path.splitext(src)[0] + ".folded.onnx"
+    if os.path.abspath(out) == os.path.abspath(src):
+        raise InvalidArgumentError(f"-o names the input file '{src}': write the folded model elsewhere")
+    model = load_model(src)
+    print(f"model      {src}")
+    t0 = time.perf_counter()
+    folded, report = fold_onnx(model, linearise=args.linearise, force=args.force,
+                               only_if_cheaper=not args.allow_costlier)
+    print(f"plan       {report.plan.summary()}  in {time.perf_counter() - t0:.2f}s")
+    print_fold_report(report)
+    gp.save_onnx(folded, out)
+    print(f"wrote      {out}")
     return 0

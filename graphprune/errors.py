@@ -33,3 +33,7 @@ class VerificationError(GraphPruneError, AssertionError):
 
 class IRLintError(GraphPruneError):
     """An IR invariant does not hold (a bug in a frontend, not user input)."""
+
+
+class FoldError(GraphPruneError, ValueError):
+    """Two layers (or a layer and a norm) cannot be folded into one; the message says why."""

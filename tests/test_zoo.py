@@ -48,3 +48,26 @@ def test_prune_half_the_channels(name):
     assert report.exact_groups > 0
     assert report.max_abs_diff <= report.tolerance
     assert set(report.lossy_groups) == set(plan.lossy_groups)
+
+
+@pytest.mark.parametrize("name", params(ALL))
+def test_batchnorm_folding_is_exact(name):
+    """gp.fold with BN folding only (no residual folds): every BatchNorm next to
+    a conv/linear is folded, the rest are refused with a reason, the folded
+    model matches the original (fold verifies itself and raises otherwise),
+    and the model passed in is bit-identical afterwards."""
+    torch.manual_seed(0)
+    model, x = build(f"torchvision:{name}", small=True)
+    lively_init(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        pytest.skip("no BatchNorm")
+    snap = snapshot(model)
+    folded, report = gp.fold(model, x, residual=False)
+    assert_untouched(model, snap)
+    assert report.max_abs_diff <= report.tolerance
+    n_bn = sum(1 for s in report.plan.folds if s.kind.startswith("bn"))
+    left = [m for m in folded.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert n_bn >= 1 and len(left) == len(bns) - n_bn
+    assert all(s.reason for s in report.refused)
+    assert report.macs_after <= report.macs_before
