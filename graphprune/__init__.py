@@ -25,10 +25,12 @@ from .layerfold import (
                      FoldStep,
                      apply_fold,
                      apply_fold_onnx,
+    block_report_onnx,
                      fold,
                      fold_onnx,
                      plan_fold,
                      plan_fold_onnx,
+    remove_blocks_onnx,
 )
 from .layerfold.blocks import BlockReport, BlockScore, block_report, remove_blocks
 from .layerfold.collapse import ActivationReport, ActivationStat, activation_report, choose_linearise
@@ -60,6 +62,6 @@ __all__ = [
     "GroupLasso", "BNL1",
     "fold", "plan_fold", "apply_fold", "fold_onnx", "plan_fold_onnx", "apply_fold_onnx",
     "FoldPlan", "FoldStep", "FoldReport", "FoldError",
-    "block_report", "remove_blocks", "BlockReport", "BlockScore",
+    "block_report", "remove_blocks", "block_report_onnx", "remove_blocks_onnx", "BlockReport", "BlockScore",
     "activation_report", "choose_linearise", "ActivationReport", "ActivationStat",
 ]

@@ -94,7 +94,7 @@ class _LazyArrays(dict):
 
     def __init__(self, model):
         super().__init__()
-        self._tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+        self._tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
 
     def __missing__(self, key):
         arr = self._tensors[key].detach().cpu().float().numpy()
@@ -106,7 +106,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
          macs: float | None = None, params: float | None = None, allocation: str = "local",
          normalizer: str = "mean", max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
-         loss_fn=None, latency: float | None = None, heads: float = 0.0) -> PruningPlan:
+         loss_fn=None, latency: float | None = None, heads: float = 0.0, hidden: float = 0.0) -> PruningPlan:
     """Decide what to remove (the model is untouched).
 
     One budget: ``ratio`` (fraction of every group's units to remove, default
@@ -120,10 +120,13 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     per layer on this machine and cached (:mod:`graphprune.latency`).
     ``heads`` is the fraction of whole attention heads to remove in every
     attention layer (with grouped-query attention a unit is a KV head with
-    its query heads); given alone, channels are kept (``ratio=0``).
+    its query heads); ``hidden`` the fraction of the residual-stream width
+    of transformers (embeddings, norms, every projection; lossy through the
+    norm statistics, which ``verify`` reports).  Given alone, either keeps
+    channels (``ratio=0``).
     """
-    heads = check_ratio(heads, "heads")
-    if heads and ratio is macs is params is latency is None:
+    heads, hidden = check_ratio(heads, "heads"), check_ratio(hidden, "hidden")
+    if (heads or hidden) and ratio is macs is params is latency is None:
         ratio = 0.0
     kind, value = check_budget(ratio, macs, params, latency)
     alloc = check_allocation(allocation, normalizer, max_ratio)
@@ -142,7 +145,8 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
                  if scorer.statistic in ("taylor", "fisher") else activation_statistics(model, data, scorer.statistic))
         arrays = StatArrays(stats, arrays)
     measure = LatencyModel() if kind == "latency" else None
-    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, heads=heads, **alloc)
+    return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, heads=heads,
+                     hidden=hidden, **alloc)
 
 
 def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False, calibration=None,
@@ -206,9 +210,10 @@ def prune(model: nn.Module, example_inputs, ratio: float | None = None, importan
                  calibration=calibration, max_batches=max_batches, **{kind: value}, **allocation)
         return apply(model, p, inplace=inplace, calibration=calibration, compensation=compensation,
                      max_batches=max_batches)
-    heads = check_ratio(allocation.pop("heads", 0.0), "heads")
+    shares = {k: check_ratio(allocation.pop(k, 0.0), k) for k in ("heads", "hidden")}
     for k in range(1, steps + 1):
-        allocation["heads"] = 1 - (1 - heads) ** (1 / steps)  # the same share of the remaining heads each round
+        for key, share in shares.items():  # the same share of what remains, each round
+            allocation[key] = 1 - (1 - share) ** (1 / steps)
         goal = (1 - value) ** (k / steps) if kind == "ratio" else value ** (k / steps)
         if kind == "ratio":
             prev = (1 - value) ** ((k - 1) / steps)

@@ -1,4 +1,4 @@
-"""Command line: ``graphprune prune``, ``graphprune inspect`` and ``graphprune fold``.
+"""Command line: ``graphprune prune``, ``inspect``, ``fold`` and ``blocks``.
 
 Errors print one line (``graphprune: error: ...``) and exit with status 2;
 no traceback unless ``GRAPHPRUNE_DEBUG=1``.
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     ins.add_argument("--all", action="store_true", help="also list groups that cannot be pruned")
     _fold_parser(sub)
+    _blocks_parser(sub)
     return p
 
 
@@ -57,6 +58,19 @@ def _fold_parser(sub) -> None:
                          "their error is measured and printed")
     fo.add_argument("--allow-costlier", action="store_true",
                     help="fold pairs even where the merged layer costs more MACs than the two it replaces")
+
+
+def _blocks_parser(sub) -> None:
+    bl = sub.add_parser("blocks", help="rank residual blocks by Block Influence or loss; remove the K least useful")
+    bl.add_argument("source", nargs="?", help="an .onnx file (or use --model)")
+    bl.add_argument("--model", default=None, help="a PyTorch model spec instead, e.g. torchvision:resnet18")
+    bl.add_argument("--method", default="cosine", help="cosine (Block Influence, default) or loss")
+    bl.add_argument("--remove", type=int, default=None, metavar="K",
+                    help="remove the K lowest-scoring blocks and write the result (default: only rank them)")
+    bl.add_argument("-o", "--out", default=None,
+                    help="where to write the model with blocks removed (default <source>.shallow.onnx, or "
+                         "shallow.pt)")
+    bl.add_argument("--report", default=None, metavar="PATH", help="also write the ranked report as JSON")
 
 
 def fmt(n: float) -> str:
@@ -179,6 +193,63 @@ def cmd_fold(args) -> int:
     return 0
 
 
+def cmd_blocks(args) -> int:
+    from .errors import InvalidArgumentError
+
+    if args.source is not None and args.model is not None:
+        raise InvalidArgumentError("blocks takes an .onnx file or --model, not both")
+    if args.out is not None and args.remove is None:
+        raise InvalidArgumentError("-o is only written with --remove K")
+    if _is_onnx(args):
+        from .cli_onnx import blocks_onnx_file
+
+        return blocks_onnx_file(args)
+    if args.model is None:
+        raise InvalidArgumentError("blocks needs an .onnx file or --model SPEC (e.g. torchvision:resnet18)")
+    import torch
+
+    from graphprune.layerfold.blocks import block_report, remove_blocks
+    from graphprune.zoo import build
+
+    model, x = build(args.model)
+    print(f"model      {args.model}  ({type(model).__name__})")
+    report = block_report(model, [x], method=args.method)
+    slim = remove_blocks(model, report, k=args.remove, example_inputs=x) if args.remove is not None else None
+    print_block_report(report, args.remove or 0, "one random batch")
+    if slim is not None:
+        out = args.out or "shallow.pt"
+        tmp = out + ".tmp"
+        try:
+            torch.save(slim, tmp)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        print(f"wrote      {out} (torch.save of the module)")
+    write_block_report(report, args.report)
+    return 0
+
+
+def print_block_report(report, removed: int, data: str) -> None:
+    """The ranking of ``graphprune blocks``: rank, score, parameters, shape, name, and which go."""
+    what = "Block Influence, 1 - cos(x, y)" if report.method == "cosine" else "output MSE with the block skipped"
+    print(f"blocks     {len(report)} residual blocks scored by {report.method} ({what}) on {data}")
+    print(f"{'rank':>6} {'score':>10} {'params':>8}  {'shape':18} block")
+    for i, e in enumerate(report):
+        mark = "  -> removed" if i < removed else ""
+        print(f"{i + 1:>6} {e.score:>10.4g} {fmt(e.params):>8}  {str(list(e.in_shape)):18} {e.name}  "
+              f"({e.type}){mark}")
+
+
+def write_block_report(report, path: str | None) -> None:
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(report.to_json(indent=1))
+        os.replace(tmp, path)
+        print(f"report     {path}")
+
+
 def print_fold_report(report, limit: int = 12) -> None:
     """The fold summary of ``graphprune fold``: folds by kind, refusals with reasons, depth, MACs, check."""
     plan = report.plan
@@ -206,7 +277,8 @@ def print_fold_report(report, limit: int = 12) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"prune": cmd_prune, "inspect": cmd_inspect, "fold": cmd_fold}[args.command](args)
+        return {"prune": cmd_prune, "inspect": cmd_inspect, "fold": cmd_fold,
+                "blocks": cmd_blocks}[args.command](args)
     except GraphPruneError as err:
         if os.environ.get("GRAPHPRUNE_DEBUG"):
             raise

@@ -1,4 +1,4 @@
-"""``graphprune prune model.onnx`` and ``graphprune fold model.onnx``: plan,
+"""``graphprune prune``, ``fold`` and ``blocks`` on an ``.onnx`` file: plan,
 apply, verify with onnxruntime, then write the result (only once everything
 passed; atomically)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from .cli import fmt, print_fold_report
+from .cli import fmt, print_block_report, print_fold_report, write_block_report
 
 
 def prune_onnx_file(args) -> int:
@@ -73,4 +73,44 @@ def fold_onnx_file(args) -> int:
     print_fold_report(report)
     gp.save_onnx(folded, out)
     print(f"wrote      {out}")
+    return 0
+
+
+def blocks_onnx_file(args) -> int:
+    """``graphprune blocks model.onnx [--remove K -o shallow.onnx]``; the source file is never written."""
+    import numpy as np
+
+    import graphprune as gp
+    from graphprune.capture.onnx_load import load_model, normalise
+    from graphprune.layerfold.onnx_blocks import RANDOM_BATCHES, block_report_onnx, remove_blocks_onnx
+    from graphprune.onnx_api import feeds
+    from graphprune.verify.onnx_verify import run_onnx
+
+    from .errors import InvalidArgumentError
+
+    src = args.source
+    out = args.out or os.path.splitext(src)[0] + ".shallow.onnx"
+    if args.remove is not None and os.path.abspath(out) == os.path.abspath(src):
+        raise InvalidArgumentError(f"-o names the input file '{src}': write the model elsewhere")
+    model = load_model(src)
+    t0 = time.perf_counter()
+    report = block_report_onnx(model, method=args.method)
+    slim = remove_blocks_onnx(model, report, k=args.remove) if args.remove is not None else None
+    print(f"model      {src}  (scored in {time.perf_counter() - t0:.2f}s)")
+    print_block_report(report, args.remove or 0, f"{RANDOM_BATCHES} seeded random feeds")
+    if slim is not None:
+        base = normalise(load_model(model))  # constants as initializers, as in the result
+        adds = [sum(n.op_type == "Add" for n in m.graph.node) for m in (base, slim)]
+        print(f"nodes      {len(base.graph.node)} -> {len(slim.graph.node)}  (Add {adds[0]} -> {adds[1]}; "
+              f"constants counted as initializers)")
+        p0, p1 = gp.count_params_onnx(model), gp.count_params_onnx(slim)
+        print(f"params     {fmt(p0)} -> {fmt(p1)}  ({p1 / max(p0, 1):.1%} kept)")
+        x = feeds(model)
+        want, got = run_onnx(model, x), run_onnx(slim, x)
+        diff = max((float(np.abs(a - b).max()) for a, b in zip(want, got) if a.size), default=0.0)
+        scale = max((float(np.abs(a).max()) for a in want if a.size), default=0.0)
+        print(f"outputs    max |diff| {diff:.3g} on a random feed (output scale {scale:.3g}); shapes unchanged")
+        gp.save_onnx(slim, out)
+        print(f"wrote      {out}")
+    write_block_report(report, args.report)
     return 0

@@ -156,3 +156,48 @@ def test_real_pretrained_minilm_mlp():
     assert slim.config.intermediate_size == 1152 and len(plan.groups) == 6
     cos = mean_cosine(embed(slim, tok, sents), embed(model, tok, sents))
     assert 0.8 <= cos < 1.0
+
+
+def gpt2_lm():  # LM head tied to the token embedding
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg), "n_inner"
+
+
+def bert_mlm():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=100)
+    return transformers.BertForMaskedLM(cfg), "intermediate_size"
+
+
+@pytest.mark.parametrize("build", [llama, mistral, qwen2, gpt2_lm, bert_mlm])
+def test_hidden_width_is_lossy_reported_and_reloads(build, tmp_path):
+    """hidden= shrinks the residual stream (embeddings, norms, every projection,
+    the tied LM head) in one group; the norm statistics make it lossy, which
+    verify reports while the head/MLP groups stay exact."""
+    torch.manual_seed(0)
+    model, _ = build()
+    model.eval()
+    x = inputs_for(model)
+    snap = snapshot(model)
+    plan = gp.plan(model, x, ratio=0.25, heads=0.25, hidden=0.25)
+    hidden = [g for g in plan.groups if g.kind == "hidden"]
+    assert len(hidden) == 1 and hidden[0].lossy and hidden[0].kept_units == 48
+    slim = gp.apply(model, plan)
+    assert_untouched(model, snap)
+    report = gp.verify(model, slim, plan, x)
+    assert set(report.lossy_groups) == {hidden[0].id} and not report.exact
+    assert report.exact_groups == len(plan.groups) - 1
+    assert logits(slim, x).shape == logits(model, x).shape
+    assert slim.get_input_embeddings().weight.shape[1] == 48
+    if hasattr(slim, "lm_head") and model.lm_head.weight is model.get_input_embeddings().weight:
+        assert slim.lm_head.weight is slim.get_input_embeddings().weight  # still tied
+    slim.save_pretrained(tmp_path)
+    again = gp.load_pretrained(str(tmp_path))
+    assert torch.allclose(logits(again, x), logits(slim, x), atol=1e-5)
+
+
+def test_hidden_stays_unless_asked():
+    torch.manual_seed(0)
+    model, _ = llama()
+    plan = gp.plan(model.eval(), inputs_for(model), ratio=0.5, heads=0.5)
+    assert plan.groups and all(g.kind != "hidden" for g in plan.groups)

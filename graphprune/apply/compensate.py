@@ -13,7 +13,8 @@ what the original layer computed from the original inputs:
 causes on calibration data (mean += mean_pruned - mean_original, var *=
 var_pruned / var_original, per kept channel), again exact-preserving.
 
-``X_pruned`` is taken from the pruned model *after* the earlier layers were
+With a tokenizer's ``attention_mask`` in the batches, only real tokens are
+fitted.  ``X_pruned`` is taken from the pruned model *after* the earlier layers were
 corrected, so errors do not accumulate.  The correction is fitted to the
 residual, never to the weights themselves, hence it is exact-preserving: a
 plan that removes only dead channels gives ``T == 0`` and changes nothing.
@@ -85,6 +86,18 @@ def _patches(mod, x):
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _token_rows(batch, x, mod):
+    """Rows of real tokens when ``batch`` carries a tokenizer's ``attention_mask``.
+
+    Padding positions compute values no output reads; fitting them would
+    spend the correction on noise.  ``None``: every row counts.
+    """
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or not isinstance(mod, nn.Linear) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.reshape(-1).bool()
+
+
 def _flat_weight(w):
     return w.reshape(w.shape[0], -1)
 
@@ -132,8 +145,11 @@ def _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out) -
     rsum = torch.zeros(w_p.shape[0], dtype=torch.float64)
     before, rows = 0.0, 0
     for batch in batches:
-        a_o = _patches(o_mod, _capture_input(original, name, batch)).double()
-        a_p = _patches(p_mod, _capture_input(pruned, name, batch)).double()
+        x_o, x_p = _capture_input(original, name, batch), _capture_input(pruned, name, batch)
+        a_o, a_p = _patches(o_mod, x_o).double(), _patches(p_mod, x_p).double()
+        keep = _token_rows(batch, x_o, o_mod)
+        if keep is not None:
+            a_o, a_p = a_o[keep], a_p[keep]
         t = a_o @ w_o.T - a_p @ w_p.T
         before += float((t ** 2).sum())
         gram += a_p.T @ a_p

@@ -59,6 +59,7 @@ def update_config(before: dict, slim: nn.Module) -> None:
                if before.get(n) == old and _proj_width(m) is not None}
         if len(new) == 1 and new != {old}:
             setattr(config, name, new.pop())
+    _update_hidden(config, slim)
     old = _update_heads(config, slim)
     if old and _mismatches(config, slim):  # the config's fields cannot say it: undo
         _restore(config, old)
@@ -70,6 +71,17 @@ def update_config(before: dict, slim: nn.Module) -> None:
 
 
 _ABSENT = object()
+
+
+def _update_hidden(config, slim) -> None:
+    """``hidden_size`` (GPT-2: ``n_embd``) follows the input embedding's width."""
+    get = getattr(slim, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    if not isinstance(emb, nn.Embedding):
+        return
+    for name in ("hidden_size", "n_embd"):
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) != emb.embedding_dim:
+            setattr(config, name, emb.embedding_dim)
 
 
 def _update_heads(config, slim) -> dict:

@@ -57,6 +57,11 @@ def _ln(mod, old):
         mod.normalized_shape = tuple(mod.weight.shape)
 
 
+@module_rule(nn.Embedding)
+def _embedding(mod, old):
+    mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+
+
 @module_rule(nn.MultiheadAttention)
 def _mha(mod, old):
     e = mod.in_proj_weight.shape[1]
@@ -78,15 +83,28 @@ def _check(model: nn.Module, plan: PruningPlan, tensors: dict) -> None:
             raise PlanError(f"plan does not fit '{name}' of shape {tuple(t.shape)} (axis {axis})")
 
 
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every parameter name -> the first name of the same tensor (tied weights)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
 def apply_torch(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> nn.Module:
-    """Return a physically smaller model (a deep copy unless ``inplace``)."""
-    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    """Return a physically smaller model (a deep copy unless ``inplace``).
+
+    Tied parameters (one tensor under several names, e.g. an LM head tied to
+    the embedding) are sliced once and stay tied.
+    """
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     _check(model, plan, tensors)
     target = model if inplace else copy.deepcopy(model)
+    alias = _aliases(target)
     by_name: dict[str, list[tuple[int, set[int]]]] = {}
     for (name, axis), removed in plan.removals().items():
         if removed:
-            by_name.setdefault(name, []).append((axis, removed))
+            cuts = by_name.setdefault(alias.get(name, name), [])
+            if (axis, removed) not in cuts:
+                cuts.append((axis, removed))
     old_attrs: dict[str, tuple[nn.Module, dict]] = {}
     with torch.no_grad():
         for name, cuts in by_name.items():
@@ -94,6 +112,13 @@ def apply_torch(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
             owner = target.get_submodule(owner_path)
             old_attrs.setdefault(owner_path, (owner, _old_attrs(owner)))
             _replace(owner, attr, cuts)
+    for name, canon in alias.items():
+        if name != canon and canon in by_name:
+            owner_path, _, attr = name.rpartition(".")
+            owner = target.get_submodule(owner_path)
+            old_attrs.setdefault(owner_path, (owner, _old_attrs(owner)))
+            canon_owner, _, canon_attr = canon.rpartition(".")
+            owner._parameters[attr] = getattr(target.get_submodule(canon_owner), canon_attr)
     for mod, old in old_attrs.values():
         rule = _find_rule(mod)
         if rule is not None:

@@ -89,6 +89,12 @@ def _static_axes(src, out) -> list[bool]:
     return static
 
 
+def _is_square(arg) -> bool:
+    """``arg`` is ``pow(x, 2)``: a mean of it with ``keepdim`` is RMSNorm's statistic."""
+    return (isinstance(arg, torch.fx.Node) and arg.op == "call_function"
+            and getattr(arg.target, "_overloadpacket", None) is aten.pow and len(arg.args) > 1 and arg.args[1] == 2)
+
+
 def _shape(node):
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
@@ -168,7 +174,9 @@ class _ExportTranslator:
         elif name == "cat":
             self.emit(node, "cat", [v(x) for x in a[0]], {"axis": a[1] if len(a) > 1 else 0})
         elif name == "mean":
-            self.emit(node, "reduce", [v(a[0])], {"axes": list(a[1]), "keepdim": bool(a[2]) if len(a) > 2 else False})
+            keep = bool(a[2]) if len(a) > 2 else False
+            self.emit(node, "reduce", [v(a[0])], {"axes": list(a[1]), "keepdim": keep,
+                                                  "statistic": keep and _is_square(a[0])})
         elif name in _EXTRA:
             _EXTRA[name](self, node)
         else:

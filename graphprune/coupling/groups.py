@@ -37,7 +37,9 @@ class Group:
     """Coupled parameter slices.  ``units`` are ordered; ``prunable[i]`` says
     whether unit ``i`` may be removed, ``reasons`` why some may not.
     ``kind`` is ``"head"`` when the units are whole attention heads (one
-    unit spans ``head_dim`` positions of each projection), else ``"channel"``."""
+    unit spans ``head_dim`` positions of each projection), ``"hidden"`` for
+    the residual-stream width that starts at a token embedding, else
+    ``"channel"``."""
 
     id: int
     kind: str
@@ -148,7 +150,8 @@ def _unit_status(st, roots, units) -> dict:
             fixed.setdefault(u, "no layer produces these positions")
     lossy = set(roots[sorted(st.lossy)].tolist()) if st.lossy else set()
     heads = set(roots[sorted(st.heads)].tolist()) if st.heads else set()
-    return {"fixed": fixed, "lossy": lossy, "heads": heads}
+    hidden = set(roots[sorted(st.hidden)].tolist()) if st.hidden else set()
+    return {"fixed": fixed, "lossy": lossy, "heads": heads, "hidden": hidden}
 
 
 def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
@@ -163,7 +166,8 @@ def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
     ulist = units.tolist()
     fixed = status["fixed"]
     reasons = sorted({fixed[u] for u in ulist if u in fixed})
-    kind = "head" if any(u in status["heads"] for u in ulist) else "channel"
+    kind = "head" if any(u in status["heads"] for u in ulist) else \
+        "hidden" if any(u in status["hidden"] for u in ulist) else "channel"
     return Group(0, kind, ulist, members, [u not in fixed for u in ulist],
                  any(u in status["lossy"] for u in ulist), reasons)
 

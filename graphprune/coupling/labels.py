@@ -111,6 +111,7 @@ class CouplingState:
     fixed_reasons: dict[int, str] = field(default_factory=dict)
     lossy: set[int] = field(default_factory=set)
     heads: set[int] = field(default_factory=set)
+    hidden: set[int] = field(default_factory=set)
     produced: list[np.ndarray] = field(default_factory=list)
     barriers: list[str] = field(default_factory=list)
     node_index: dict[str, int] = field(default_factory=dict)
@@ -184,6 +185,10 @@ class CouplingState:
 
     def mark_lossy(self, ids) -> None:
         self.lossy.update(int(x) for x in np.asarray(ids).ravel())
+
+    def mark_hidden(self, ids) -> None:
+        """These ids are the hidden (residual-stream) width: groups of kind ``"hidden"``."""
+        self.hidden.update(int(x) for x in np.asarray(ids).ravel())
 
     def mark_heads(self, ids) -> None:
         """These ids are attention heads: their groups have kind ``"head"``."""

@@ -27,11 +27,13 @@ from .plan import FoldPlan, FoldReport, FoldStep
 
 _TORCH = ("plan_fold", "apply_fold", "fold", "to_layer", "to_module")
 _ONNX = ("plan_fold_onnx", "apply_fold_onnx", "fold_onnx", "onnx_depth")
+_ONNX_BLOCKS = ("find_blocks_onnx", "block_report_onnx", "remove_blocks_onnx")
 
 __all__ = [
     "ConvConfig", "ConvLayer", "FoldError", "add_identity", "affine_refusal", "bn_affine", "compose",
     "compose_linear", "compose_linear_chain", "compose_refusal", "composite_config", "config_refusal",
-    "fold_affine", "fold_bn", "layer_macs", "residual_refusal", "FoldPlan", "FoldReport", "FoldStep", *_TORCH, *_ONNX,
+    "fold_affine", "fold_bn", "layer_macs", "residual_refusal", "FoldPlan", "FoldReport", "FoldStep",
+    *_TORCH, *_ONNX, *_ONNX_BLOCKS,
 ]
 
 
@@ -44,4 +46,8 @@ def __getattr__(name: str):
         from . import onnx_fold
 
         return getattr(onnx_fold, name)
+    if name in _ONNX_BLOCKS:
+        from . import onnx_blocks
+
+        return getattr(onnx_blocks, name)
     raise AttributeError(f"module 'graphprune.layerfold' has no attribute '{name}'")

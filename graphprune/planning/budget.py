@@ -79,26 +79,28 @@ ALLOCATIONS = ("local", "global")
 
 def make_plan(coupling, arrays, importance, kind: str, value: float, round_to: int, meta,
               allocation: str = "local", normalizer: str = "mean", max_ratio: float = 0.9, measure=None,
-              heads: float = 0.0):
+              heads: float = 0.0, hidden: float = 0.0):
     """One plan for a budget (checked by :func:`graphprune.checks.check_budget`).
 
     ``local``: the same ratio in every channel group.  ``global``: one ranking
     of all channel units, scores normalised per group by ``normalizer``, at
     most ``max_ratio`` of any group removed.  Head groups lose ``heads`` of
-    their heads whatever the budget; channels make up the rest of a MACs,
+    their heads and hidden-width groups ``hidden`` of their width whatever
+    the budget; channels make up the rest of a MACs,
     params or latency budget.  ``measure`` overrides the cost function of
     the budget kind (e.g. a measured-latency model).
     """
     scorer = _Cached(importance)
-    meta = dict(meta or {}, allocation=allocation, heads=heads)
+    meta = dict(meta or {}, allocation=allocation, heads=heads, hidden=hidden)
+    kinds = {"head": heads, "hidden": hidden}
     if allocation == "global":
         meta.update(normalizer=normalizer, max_ratio=max_ratio)
 
         def planner(r):
-            return global_plan(coupling.groups, arrays, scorer, r, round_to, meta, normalizer, max_ratio, heads)
+            return global_plan(coupling.groups, arrays, scorer, r, round_to, meta, normalizer, max_ratio, kinds)
     else:
         def planner(r):
-            return uniform_plan(coupling.groups, arrays, scorer, {"channel": r, "head": heads}, round_to, meta)
+            return uniform_plan(coupling.groups, arrays, scorer, {"channel": r, **kinds}, round_to, meta)
     if kind == "ratio":
         return planner(value)
     return budget_plan(coupling, planner, value, measure or kind, label=kind)

@@ -122,15 +122,17 @@ def global_counts(groups: list[Group], scores: dict, fraction: float, round_to: 
 
 def global_plan(groups: list[Group], arrays: Mapping[str, np.ndarray], importance, fraction: float,
                 round_to: int = 1, meta=None, normalizer: str = "mean", max_ratio: float = 0.9,
-                heads: float = 0.0) -> PruningPlan:
+                kinds: Mapping[str, float] | None = None) -> PruningPlan:
     """Prune the globally lowest-ranked ``fraction`` of channel units (see
-    :func:`global_counts`); head groups lose ``heads`` of their heads each."""
+    :func:`global_counts`); groups of other kinds (heads, hidden width) lose
+    their own fraction ``kinds[kind]`` each (default 0)."""
+    kinds = kinds or {}
     channel = [g for g in groups if g.kind == "channel"]
     scores = {g.id: importance(g, arrays) for g in channel if g.n_prunable}
     counts = global_counts(channel, scores, fraction, round_to, normalizer, max_ratio)
     for g in groups:
         if g.kind != "channel" and g.n_prunable:
-            counts[g.id] = n_to_remove(g, heads)
+            counts[g.id] = n_to_remove(g, kinds.get(g.kind, 0.0))
     planned = [pg for g in groups if counts.get(g.id)
                for pg in [plan_group(g, scores[g.id] if g.id in scores else importance(g, arrays), counts[g.id])]
                if pg is not None]

@@ -213,12 +213,14 @@ def _unify_leading(st, node, batch, rank):
 @register("embedding")
 class EmbeddingRule(Rule):
     """Table lookup ``W[ids]`` with ``W`` of shape ``[vocab, dim]``: the table's
-    columns produce the channels of the output's last axis."""
+    columns produce the channels of the output's last axis.  Those channels
+    are the model's hidden (residual-stream) width: marked ``hidden``."""
 
     def apply(self, node, st):
         ids, w = node.inputs[:2]
         out = node.outputs[0]
         st.fix_map(st.get(ids), f"{node.describe()}: indices")
         lab = st.produce(w.shape[1])
+        st.mark_hidden(lab)
         add_param_member(st, w, 1, "out", lab, node)
         st.set(out, {(out.rank - 1,): lab})

@@ -43,14 +43,23 @@ class PermuteRule(Rule):
 class ReduceRule(Rule):
     """Reductions (mean, sum, max) over ``attrs['axes']``.
 
-    Reducing a labelled axis mixes channels: those channels are fixed.
+    Reducing a labelled axis mixes channels: those channels are fixed —
+    except a norm's statistic (``attrs['statistic']``: RMSNorm's mean of
+    squares, broadcast back onto the same channels), through which removing
+    channels only changes the statistic: lossy, like LayerNorm.
     """
 
     def apply(self, node, st):
         x = node.inputs[0]
         axes = sorted({a % x.rank for a in node.attrs.get("axes", range(x.rank))})
         keep = node.attrs.get("keepdim", False)
-        rest = fix_axes(st, st.get(x), axes, f"{node.describe()}: reduces channels")
+        if node.attrs.get("statistic"):
+            for k, arr in st.get(x).items():
+                if any(a in axes for a in k):
+                    st.mark_lossy(arr)
+            rest = {k: v for k, v in st.get(x).items() if not any(a in axes for a in k)}
+        else:
+            rest = fix_axes(st, st.get(x), axes, f"{node.describe()}: reduces channels")
         lm = {}
         for k, v in rest.items():
             new = k if keep else tuple(a - sum(1 for r in axes if r < a) for a in k)
