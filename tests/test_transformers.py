@@ -201,3 +201,25 @@ def test_hidden_stays_unless_asked():
     model, _ = llama()
     plan = gp.plan(model.eval(), inputs_for(model), ratio=0.5, heads=0.5)
     assert plan.groups and all(g.kind != "hidden" for g in plan.groups)
+
+
+def test_per_layer_widths_reload_through_the_graphprune_loader(tmp_path):
+    """Global allocation gives each layer its own MLP width: config.json lists
+    the shapes its fields cannot say, from_pretrained refuses (size mismatch)
+    instead of loading a wrong model, gp.load_pretrained rebuilds it."""
+    torch.manual_seed(0)
+    model, _ = llama()
+    model.eval()
+    with torch.no_grad():  # make layer 1's MLP clearly weaker so the global ranking takes more of it
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.05)
+    x = inputs_for(model)
+    plan = gp.plan(model, x, ratio=0.4, allocation="global")
+    slim = gp.apply(model, plan)
+    widths = {layer.mlp.up_proj.out_features for layer in slim.model.layers}
+    assert len(widths) == 2 and slim.config.graphprune_shapes
+    slim.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="(?i)size|shape|mismatch"):
+        type(model).from_pretrained(tmp_path)
+    again = gp.load_pretrained(str(tmp_path))
+    assert {layer.mlp.up_proj.out_features for layer in again.model.layers} == widths
+    assert torch.allclose(logits(again, x), logits(slim, x), atol=1e-5)

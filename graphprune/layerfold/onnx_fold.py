@@ -36,13 +36,11 @@ from .compose import (
     FoldError,
     affine_refusal,
     compose,
-    composite_config,
-    config_refusal,
     fold_bn,
     layer_macs,
 )
 from .onnx_layers import ACTIVATIONS, LAYER_OPS, NotALayer, Unit, emit, is_std, read_bn, read_unit
-from .plan import FoldPlan, FoldReport, FoldStep
+from .plan import FoldPlan, FoldReport, FoldStep, pair_step
 
 __all__ = ["plan_fold_onnx", "apply_fold_onnx", "fold_onnx", "onnx_depth"]
 
@@ -372,26 +370,14 @@ class _Planner:
         kind, names = _pair_kind(first, second), (first.name, second.name)
         l1, l2 = first.layer, second.layer
         zero = l1.bias is None or not np.any(l1.bias)
-        try:
-            reason = (self.work.private(first.output, second.nodes[0])
-                      or config_refusal(l1.config, l2.config, zero, force=True))
-            if reason:
-                return FoldStep(kind, names, "refused", reason)
-            soft = config_refusal(l1.config, l2.config, zero)
-            cfg = composite_config(l1.config, l2.config)
-            before = layer_macs(l1.config, self._shape(first.output)) + layer_macs(l2.config,
-                                                                                 self._shape(second.output))
-            after = layer_macs(cfg, self._shape(second.output))
-        except FoldError as err:
-            return FoldStep(kind, names, "refused", str(err))
-        macs = {"macs_before": before, "macs_after": after}
-        if soft and not self.force:
-            return FoldStep(kind, names, "refused", soft, **macs)
-        if self.only_if_cheaper and after > before:
-            return FoldStep(kind, names, "refused", f"the folded {cfg.describe()} costs more: "
-                                                    f"{after:,} > {before:,} MACs", **macs)
-        self.work.fold_pair(first, second, force=bool(soft))
-        return FoldStep(kind, names, "forced" if soft else "exact", soft or "", **macs)
+        reason = self.work.private(first.output, second.nodes[0])
+        if reason:
+            return FoldStep(kind, names, "refused", reason)
+        step = pair_step(kind, names, l1.config, l2.config, zero, self._shape(first.output),
+                         self._shape(second.output), self.force, self.only_if_cheaper)
+        if step.applied:
+            self.work.fold_pair(first, second, force=step.status == "forced")
+        return step
 
 
 def _pair_kind(first, second) -> str:

@@ -151,3 +151,34 @@ class FoldReport:
         if self.forced_max_abs_diff is not None:
             s += f"; forced folds change outputs by up to {self.forced_max_abs_diff:.3g}"
         return s
+
+
+def pair_step(kind: str, names: tuple[str, ...], first, second, first_bias_zero: bool, first_out, second_out,
+              force: bool, only_if_cheaper: bool) -> FoldStep:
+    """Decide one linear-pair fold from the two layers' configs (no weights read).
+
+    ``first``/``second`` are :class:`~graphprune.layerfold.compose.ConvConfig`;
+    ``*_out`` the output shapes (for MACs).  Returns a ``refused`` step with
+    its reason, or the ``exact`` / ``forced`` step the caller then commits.
+    Shared by the PyTorch and the ONNX pass so both refuse the same pairs.
+    """
+    from .compose import FoldError, composite_config, config_refusal, layer_macs
+
+    try:
+        reason = config_refusal(first, second, first_bias_zero, force=True)
+        if reason:
+            return FoldStep(kind, names, "refused", reason)
+        soft = config_refusal(first, second, first_bias_zero)
+        cfg = composite_config(first, second)
+        before = layer_macs(first, first_out) + layer_macs(second, second_out)
+        after = layer_macs(cfg, second_out)
+    except FoldError as err:
+        return FoldStep(kind, names, "refused", str(err))
+    macs = {"macs_before": before, "macs_after": after}
+    if soft and not force:
+        return FoldStep(kind, names, "refused", soft, **macs)
+    if only_if_cheaper and after > before:
+        return FoldStep(kind, names, "refused", f"the folded {cfg.describe()} costs more: "
+                                                f"{after:,} > {before:,} MACs", **macs)
+    return FoldStep(kind, names, "forced" if soft else "exact", soft or "", **macs)
+

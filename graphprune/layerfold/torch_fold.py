@@ -36,8 +36,8 @@ from ..errors import CaptureError, InvalidArgumentError, PlanError, Verification
 from ..metrics import count_macs
 from ..verify.oracle import max_diff, scale_of
 from ..verify.torch_verify import run
-from .compose import FoldError, composite_config, config_refusal, layer_macs, residual_refusal
-from .plan import FoldPlan, FoldReport, FoldStep
+from .compose import FoldError, layer_macs, residual_refusal
+from .plan import FoldPlan, FoldReport, FoldStep, pair_step
 from .torch_layers import NumericState, Sketches, is_layer, is_norm, is_passthrough, set_module, to_layer, to_module
 
 __all__ = ["plan_fold", "apply_fold", "fold", "to_layer", "to_module"]
@@ -265,25 +265,17 @@ class _Planner:
         kind, names = ("linear_pair" if both_linear else "conv_pair"), (a.target, b.target)
         try:
             la, lb = self.state.get(a.target), self.state.get(b.target)
-            reason = self._exclusive(a, b) or config_refusal(la.config, lb.config, la.bias_zero, force=True)
-            if reason:
-                return FoldStep(kind, names, "refused", reason)
-            soft = config_refusal(la.config, lb.config, la.bias_zero)
-            cfg = composite_config(la.config, lb.config)
-            before = layer_macs(la.config, _shape(a)) + layer_macs(lb.config, _shape(b))
-            after = layer_macs(cfg, _shape(b))
         except FoldError as err:
             return FoldStep(kind, names, "refused", str(err))
-        macs = {"macs_before": before, "macs_after": after}
-        if soft and not self.force:
-            return FoldStep(kind, names, "refused", soft, **macs)
-        if self.only_if_cheaper and after > before:
-            return FoldStep(kind, names, "refused", f"the folded {cfg.describe()} costs more: "
-                                                    f"{after:,} > {before:,} MACs", **macs)
-        step = self._commit(FoldStep(kind, names, "forced" if soft else "exact", soft or "", **macs))
-        if isinstance(step, str):
-            return FoldStep(kind, names, "refused", step, **macs)
-        return step
+        reason = self._exclusive(a, b)
+        if reason:
+            return FoldStep(kind, names, "refused", reason)
+        step = pair_step(kind, names, la.config, lb.config, la.bias_zero, _shape(a), _shape(b),
+                         self.force, self.only_if_cheaper)
+        if not step.applied:
+            return step
+        done = self._commit(step)
+        return dataclasses.replace(step, status="refused", reason=done) if isinstance(done, str) else done
 
     def _residual(self, add: fx.Node) -> FoldStep | None:
         if add.kwargs or len(add.args) != 2:
