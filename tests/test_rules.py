@@ -172,3 +172,46 @@ def test_registry_lists_core_rules():
     rules = set(list_rules())
     assert {"conv", "linear", "batch_norm", "layer_norm", "add", "mul", "cat", "split", "reshape",
             "permute", "pool", "mha"} <= rules
+
+
+def attention(g, x, name, c=8, heads=2, hd=3, table=True, tokens=5):
+    """One ``mha`` op as the fx frontend emits it for timm / torchvision attention modules."""
+    inner = heads * hd
+    ps = [g.add_param(f"{name}.qkv.weight", (3 * inner, c)), g.add_param(f"{name}.qkv.bias", (3 * inner,)),
+          g.add_param(f"{name}.proj.weight", (c, inner)), g.add_param(f"{name}.proj.bias", (c,))]
+    tab = g.add_param(f"{name}.relative_position_bias_table", (9, heads)) if table else None
+    return g.add_node("mha", [x, x, x, *ps, tab], [(1, tokens, c)], name=name,
+                      attrs={"num_heads": heads, "head_dim": hd}).outputs[0]
+
+
+def test_attention_module_units_are_whole_heads():
+    g = Graph()
+    x = g.add_input("x", (1, 5, 4))
+    h = g.add_node("linear", [x, g.add_param("embed.weight", (8, 4)), None], [(1, 5, 8)], name="embed").outputs[0]
+    a = attention(g, h, "attn")
+    s = g.add_node("add", [h, a], [(1, 5, 8)]).outputs[0]
+    out = g.add_node("linear", [s, g.add_param("fc.weight", (2, 8)), None], [(1, 5, 2)], name="fc").outputs[0]
+    g.set_outputs([out])
+    c = couple(g)
+    grp = group_of(c, "attn.qkv.weight")
+    assert grp.kind == "head" and grp.width == 2 and grp.n_prunable == 2 and not grp.lossy
+    assert members(grp) == {("attn.qkv.weight", 0, "out"), ("attn.qkv.bias", 0, "out"), ("attn.proj.weight", 1, "in"),
+                            ("attn.relative_position_bias_table", 1, "out")}
+    rows = next(m for m in grp.members if m.param == "attn.qkv.weight")
+    head0 = rows.units[0]
+    assert [i for i, u in zip(rows.indices, rows.units) if u == head0] == [0, 1, 2, 6, 7, 8, 12, 13, 14]  # q, k, v rows
+    stream = group_of(c, "embed.weight")
+    assert stream.kind == "channel" and stream.width == 8
+    assert {("attn.qkv.weight", 1, "in"), ("attn.proj.weight", 0, "out")} <= members(stream)
+
+
+def test_attention_module_with_an_unexpected_layout_is_fixed():
+    g = Graph()
+    x = g.add_input("x", (1, 5, 8))
+    h = g.add_node("linear", [x, g.add_param("embed.weight", (8, 8)), None], [(1, 5, 8)], name="embed").outputs[0]
+    a = attention(g, h, "attn", heads=2, hd=3, table=False)
+    a.producer.attrs["head_dim"] = 4  # rows are not [3, heads, head_dim]
+    out = g.add_node("linear", [a, g.add_param("fc.weight", (2, 8)), None], [(1, 5, 2)], name="fc").outputs[0]
+    g.set_outputs([out])
+    grp = group_of(couple(g), "attn.qkv.weight")
+    assert grp.kind == "channel" and grp.n_prunable == 0 and any("not [3, 2, 4]" in r for r in grp.reasons)

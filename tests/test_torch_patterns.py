@@ -112,11 +112,14 @@ def test_lossy_groups_are_reported_not_passed():
 def test_mha_attributes_follow_the_weights():
     model = lively(TinyViT())
     x = torch.randn(2, 3, 16, 16)
-    slim = gp.prune(model, x, ratio=0.5)
+    slim = gp.prune(model, x, ratio=0.5)  # embedding width halves, heads stay
     attn = slim.attn
     assert attn.embed_dim == attn.in_proj_weight.shape[1] == 8
-    assert attn.head_dim * attn.num_heads == attn.embed_dim
+    assert attn.head_dim * attn.num_heads == attn.in_proj_weight.shape[0] // 3 == attn.out_proj.in_features
+    assert attn.num_heads == model.attn.num_heads
     assert slim.mlp1.out_features == slim.mlp1.weight.shape[0] == 16
+    slim = gp.prune(model, x, ratio=0.5, heads=0.5)
+    assert slim.attn.num_heads == model.attn.num_heads // 2 and slim.attn.head_dim == model.attn.head_dim
 
 
 def test_verify_catches_a_wrong_rewrite():

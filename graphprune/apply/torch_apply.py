@@ -13,8 +13,10 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..capture.torch_ops import base_class
 from ..errors import PlanError
 from ..planning.plan import PruningPlan
+from .attention_modules import HeadPrunedMultiheadAttention, window_attention_class
 
 MODULE_RULES: dict[type, callable] = {}
 
@@ -64,10 +66,7 @@ def _embedding(mod, old):
 
 @module_rule(nn.MultiheadAttention)
 def _mha(mod, old):
-    e = mod.in_proj_weight.shape[1]
-    mod.embed_dim = mod.kdim = mod.vdim = e
-    mod.head_dim = e // mod.num_heads
-    _linear(mod.out_proj, {})
+    _fit_mha(mod, "")
 
 
 def _old_attrs(mod) -> dict:
@@ -163,14 +162,26 @@ def rewrite_head_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
 
     An attention module is one with an integer head-dim attribute
     (:data:`HEAD_DIM_ATTRS`) and q/k projections (or a packed qkv) as
-    children.  Whole heads are removed by apply, so ``head_dim`` is unchanged
-    and ``num_heads``-style attributes, ``num_key_value_groups``,
-    ``all_head_size`` and GPT-2's ``split_size`` are set from the widths.
+    children, an ``nn.MultiheadAttention``, or a Swin window attention
+    (:data:`WINDOW_ATTENTION`, heads read from its per-head table).  Whole
+    heads are removed by apply, so ``head_dim`` is unchanged and
+    ``num_heads``-style attributes, ``num_key_value_groups``,
+    ``all_head_size``, timm's ``attn_dim`` and GPT-2's ``split_size`` are
+    set from the widths; torchvision modules whose attention width no longer
+    equals their input width get a forward that reads it
+    (:mod:`~graphprune.apply.attention_modules`).
     Returns ``{module name: (heads, kv_heads)}`` of every attention module.
     Raises :class:`PlanError` when a projection is not a whole number of heads.
     """
     counts_of = {}
     for name, attn in model.named_modules():
+        cls = base_class(attn)
+        if cls is nn.MultiheadAttention:
+            counts_of[name] = _fit_mha(attn, name)
+            continue
+        if f"{cls.__module__}.{cls.__name__}" in WINDOW_ATTENTION:
+            counts_of[name] = _fit_window(attn, name)
+            continue
         hd = next((getattr(attn, a) for a in HEAD_DIM_ATTRS if isinstance(getattr(attn, a, None), int)), None)
         counts = _head_counts(attn, hd) if hd else None
         if counts is None:
@@ -180,12 +191,46 @@ def rewrite_head_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
         if any(w is not None and w % hd for w in widths):
             raise PlanError(f"'{name}': projection widths {[w for w in widths if w]} are not whole heads of {hd}")
         new = {a: heads for a in _HEADS} | {a: kv for a in _KV_HEADS}
-        new |= {"num_key_value_groups": heads // max(kv, 1), "all_head_size": heads * hd, "split_size": heads * hd}
+        new |= {"num_key_value_groups": heads // max(kv, 1), "all_head_size": heads * hd, "split_size": heads * hd,
+                "attn_dim": heads * hd}
         for a, v in new.items():
             if isinstance(getattr(attn, a, None), int) and getattr(attn, a) != v:
                 setattr(attn, a, v)
         counts_of[name] = (heads, kv)
     return counts_of
+
+
+# Window attentions whose heads are the columns of ``relative_position_bias_table``.
+WINDOW_ATTENTION = ("timm.models.swin_transformer.WindowAttention",
+                    "torchvision.models.swin_transformer.ShiftedWindowAttention")
+
+
+def _fit_mha(mod: nn.MultiheadAttention, name: str) -> tuple[int, int]:
+    """``num_heads`` from the packed rows (``head_dim`` kept), embed dims from
+    the columns; the head-aware forward once attention and embedding widths differ."""
+    inner, embed = mod.in_proj_weight.shape[0] // 3, mod.in_proj_weight.shape[1]
+    if inner % mod.head_dim:
+        raise PlanError(f"'{name}': attention width {inner} is not whole heads of {mod.head_dim}")
+    mod.num_heads = inner // mod.head_dim
+    mod.embed_dim = mod.kdim = mod.vdim = embed
+    if type(mod) is nn.MultiheadAttention and (inner != embed or mod.out_proj.out_features != embed):
+        mod.__class__ = HeadPrunedMultiheadAttention
+    return mod.num_heads, mod.num_heads
+
+
+def _fit_window(mod: nn.Module, name: str) -> tuple[int, int]:
+    """``num_heads`` = columns of the per-head table; torchvision's module gets
+    the head-aware forward once its attention width differs from its input width."""
+    heads, inner = mod.relative_position_bias_table.shape[1], mod.qkv.out_features // 3
+    if inner % heads or mod.proj.in_features != inner:
+        raise PlanError(f"'{name}': qkv width {inner} / proj input {mod.proj.in_features} "
+                        f"are not {heads} whole heads")
+    mod.num_heads = heads
+    cls = type(mod)
+    if cls.__module__.startswith("torchvision.") and (inner != mod.qkv.in_features
+                                                      or mod.proj.out_features != mod.qkv.in_features):
+        mod.__class__ = window_attention_class()
+    return heads, heads
 
 
 def _conv1d_hf(mod, old):

@@ -5,6 +5,10 @@ tried first; models fx cannot trace are captured with ``torch.export`` (see
 :mod:`graphprune.capture.torch_export`).  Parameters keep the qualified names
 of ``named_parameters()`` / ``named_buffers()``.  The user's model is never
 modified: tracing reads it, shape propagation runs it under ``no_grad``.
+Attention modules whose layout a rule knows (``nn.MultiheadAttention``, timm
+``Attention`` / ``WindowAttention``, torchvision ``ShiftedWindowAttention``;
+see :func:`~graphprune.capture.torch_ops.is_leaf_attention`) are leaves of
+the trace: one op each, so their heads can be pruned whole.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import CaptureError
 from ..ir import Graph
-from .torch_ops import function_handler, method_handler, module_handler
+from .torch_ops import function_handler, is_leaf_attention, method_handler, module_handler
 
 
 @dataclass
@@ -124,15 +128,28 @@ def _is_tensor_meta(meta) -> bool:
     return meta is not None and hasattr(meta, "shape")
 
 
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with the known attention modules as leaves."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf_attention(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _symbolic_trace(model: torch.nn.Module, concrete_args=None) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def trace_fx(model: torch.nn.Module, inputs) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` and propagate shapes of ``inputs``."""
     args, kwargs = as_args(inputs)
     if kwargs:
         concrete = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-        gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+        gm = _symbolic_trace(model, concrete_args=concrete or None)
         args = tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))
     else:
-        gm = torch.fx.symbolic_trace(model)
+        gm = _symbolic_trace(model)
     with torch.no_grad():
         ShapeProp(gm).propagate(*args)
     return gm

@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -91,21 +92,125 @@ def module_handler(ctx, node, mod):
         ctx.emit("reshape", [x])
     elif isinstance(mod, nn.Softmax):
         ctx.emit("softmax", [x], {"dim": mod.dim})
-    elif isinstance(mod, nn.MultiheadAttention):
+    elif base_class(mod) is nn.MultiheadAttention:
         _mha(ctx, node, mod)
+    elif _leaf_entry(mod) is not None:
+        _leaf_entry(mod)[1](ctx, node, mod)
     else:
         ctx.emit(f"module:{type(mod).__name__}", [x] + [ctx.value(a) for a in node.args[1:]])
 
 
+# -- attention modules traced as one op (leaves of the fx trace) --------------
+
+def _tensor_args(ctx, node, skip: int = 1) -> list:
+    """IR values of the tensor arguments after the first ``skip`` (masks...)."""
+    args = list(node.args[skip:]) + list(node.kwargs.values())
+    return [v for v in (ctx.value(a) for a in args if isinstance(a, torch.fx.Node)) if v is not None]
+
+
+def _emit_heads(ctx, qkv_in, qkv, proj, heads, head_dim, table=None, extra=(), per_head_mask=False):
+    """One ``mha`` op: inputs ``q, k, v, qkv_w, qkv_b, proj_w, proj_b, table, *extra``.
+
+    ``qkv``/``proj`` are ``(module path, weight attr, bias attr)`` of the packed
+    ``[3, heads, head_dim]`` rows and the ``[heads, head_dim]`` columns;
+    ``per_head_mask``: a mask input has a head axis (heads cannot shrink).
+    """
+    params = [ctx.param(path, a) for path, w, b in (qkv, proj) for a in (w, b)]
+    ctx.emit("mha", list(qkv_in) + params + [table, *extra],
+             {"num_heads": int(heads), "head_dim": int(head_dim), "per_head_mask": bool(per_head_mask)})
+
+
 def _mha(ctx, node, mod):
     path = node.target
-    q, k, v = (ctx.value(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
-    if not mod._qkv_same_embed_dim or not mod.batch_first:
-        ctx.emit("module:MultiheadAttention(separate q/k/v or seq-first)", [q, k, v])
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+        ctx.emit("module:MultiheadAttention(separate q/k/v, bias_k/bias_v or add_zero_attn)",
+                 [ctx.value(a) for a in (q, k, v)])
         return
-    ctx.emit("mha", [q, k, v, ctx.param(path, "in_proj_weight"), ctx.param(path, "in_proj_bias"),
-                     ctx.param(path, "out_proj.weight"), ctx.param(path, "out_proj.bias")],
-             {"num_heads": mod.num_heads})
+    extra = [ctx.value(a) for a in list(node.args[3:]) + list(node.kwargs.values())
+             if isinstance(a, torch.fx.Node) and a not in (q, k, v)]
+    mask = _meta_shape(_arg(node, 5, "attn_mask"))  # (L, S), or (N * heads, L, S): one mask per head
+    _emit_heads(ctx, [ctx.value(a) for a in (q, k, v)], (path, "in_proj_weight", "in_proj_bias"),
+                (f"{path}.out_proj", "weight", "bias"), mod.num_heads, mod.head_dim,
+                extra=[e for e in extra if e is not None],
+                per_head_mask=mask is not None and len(mask) == 3)
+
+
+def _meta_shape(arg) -> tuple | None:
+    """Shape of a tensor argument, ``None`` for anything else (a ``None`` input)."""
+    meta = arg.meta.get("tensor_meta") if isinstance(arg, torch.fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _qkv_head_dim(mod) -> int:
+    return mod.qkv.out_features // 3 // mod.num_heads
+
+
+def _timm_attention(ctx, node, mod):
+    """timm ``Attention``: ``qkv`` rows ``[3, heads, head_dim]``, ``proj``; the
+    scale is a stored float and ``head_dim`` an attribute (heads are exact)."""
+    x = ctx.value(node.args[0])
+    mask = _meta_shape(_arg(node, 1, "attn_mask"))  # [B, 1 or heads, N, N]
+    per_head = mask is not None and len(mask) == 4 and mod.num_heads > 1 and mask[1] == mod.num_heads
+    _emit_heads(ctx, [x] * 3, (f"{node.target}.qkv", "weight", "bias"), (f"{node.target}.proj", "weight", "bias"),
+                mod.num_heads, mod.head_dim, extra=_tensor_args(ctx, node), per_head_mask=per_head)
+
+
+def _window_attention(ctx, node, mod):
+    """Swin window attention (timm ``WindowAttention``, torchvision
+    ``ShiftedWindowAttention``): packed ``qkv``, ``proj`` and a relative
+    position bias table with one column per head."""
+    x = ctx.value(node.args[0])
+    table = ctx.param(node.target, "relative_position_bias_table")
+    _emit_heads(ctx, [x] * 3, (f"{node.target}.qkv", "weight", "bias"), (f"{node.target}.proj", "weight", "bias"),
+                mod.num_heads, _qkv_head_dim(mod), table, extra=_tensor_args(ctx, node))
+
+
+def _timm_attention_ok(mod) -> bool:
+    """Only the layout the ``mha`` rule knows: no norm across heads, no gate,
+    and a forward that reshapes to ``attn_dim`` (older timm reshapes to the
+    input width).  q/k norms act on ``head_dim`` inside each head and stay."""
+    return isinstance(getattr(mod, "norm", None), nn.Identity) and getattr(mod, "gate", None) is None \
+        and isinstance(getattr(mod, "attn_dim", None), int) \
+        and mod.qkv.out_features == 3 * mod.num_heads * mod.head_dim
+
+
+def _window_ok(mod) -> bool:
+    """A per-head table and packed qkv; timm's module must be recent enough
+    (``fused_attn``) to read ``head_dim`` as ``-1`` rather than ``C // heads``."""
+    table = mod._parameters.get("relative_position_bias_table")  # fx hands out proxies of attributes
+    recent = not base_class(mod).__module__.startswith("timm.") or hasattr(mod, "fused_attn")
+    return (recent and isinstance(getattr(mod, "qkv", None), nn.Linear) and table is not None and table.dim() == 2
+            and table.shape[1] == mod.num_heads and mod.qkv.out_features % (3 * mod.num_heads) == 0)
+
+
+# Attention modules of optional packages, matched by exact class (module + name):
+# (is the module in the supported configuration, handler).  Another subclass has
+# its own forward, so it is traced through; graphprune's own subclasses (apply
+# swaps in a forward that reads head_dim for pruned torchvision modules) count
+# as their parent.
+LEAF_MODULES = {
+    "timm.layers.attention.Attention": (_timm_attention_ok, _timm_attention),
+    "timm.models.swin_transformer.WindowAttention": (_window_ok, _window_attention),
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": (_window_ok, _window_attention),
+}
+
+
+def base_class(mod) -> type:
+    """``mod``'s class, or the first parent of it when graphprune swapped in a
+    subclass after pruning (:mod:`graphprune.apply.attention_modules`)."""
+    return next((c for c in type(mod).__mro__ if not c.__module__.startswith("graphprune.")), type(mod))
+
+
+def _leaf_entry(mod):
+    cls = base_class(mod)
+    entry = LEAF_MODULES.get(f"{cls.__module__}.{cls.__name__}")
+    return entry if entry is not None and entry[0](mod) else None
+
+
+def is_leaf_attention(mod) -> bool:
+    """Attention modules captured as one ``mha`` op instead of being traced through."""
+    return base_class(mod) is nn.MultiheadAttention or _leaf_entry(mod) is not None
 
 
 # -- function / method handlers ---------------------------------------------
@@ -233,6 +338,16 @@ def _roll(ctx, node):
     ctx.emit("spatial", [ctx.value(node.args[0])], {"axes": dims})
 
 
+def _pad(ctx, node):
+    """``F.pad``: pair ``i`` of ``pad`` pads axis ``-1 - i``.  Axes padded by a
+    literal ``(0, 0)`` pass through; the others (padded, or by amounts the
+    trace only knows at run time) are spatial: their positions move."""
+    r = ctx.rank(node.args[0])
+    pad = list(_arg(node, 1, "pad"))
+    axes = [r - 1 - i for i in range(len(pad) // 2) if not (pad[2 * i] == 0 and pad[2 * i + 1] == 0)]
+    ctx.emit("spatial", [ctx.value(node.args[0])], {"axes": axes})
+
+
 def _swin_attention(ctx, node):
     names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size",
              "num_heads", "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias",
@@ -269,7 +384,7 @@ FUNCTIONS = {
     torch.permute: _permute, torch.transpose: _transpose, torch.swapaxes: _transpose,
     torch.chunk: _split, torch.split: _split, torch.mean: _reduce, torch.sum: _reduce,
     F.layer_norm: _layer_norm, F.linear: _linear, F.softmax: _softmax, torch.softmax: _softmax,
-    operator.getitem: _getitem, torch.roll: _roll,
+    operator.getitem: _getitem, torch.roll: _roll, F.pad: _pad,
 }
 METHODS = {
     "view": _view, "reshape": _view, "flatten": _flatten, "permute": _permute,

@@ -9,37 +9,81 @@ from .base import Rule, add_param_member, channel_ids, fix_axes, others, registe
 
 @register("mha")
 class MultiheadAttentionRule(Rule):
-    """``nn.MultiheadAttention`` with one packed ``in_proj``.
+    """An attention module with packed q/k/v rows and an output projection,
+    captured as one op: ``nn.MultiheadAttention``, timm ``Attention`` and
+    ``WindowAttention``, torchvision ``ShiftedWindowAttention``.
 
-    Its embed dim is the input width, the q/k/v width and the output width
-    at once, and ``head_dim = embed_dim / num_heads``.  The embed space is
-    viewed as ``[heads, head_dim]`` and unified across heads, so a unit is
-    one head-dim position in every head; q, k, v rows and ``out_proj``
-    follow the input channel.  The softmax scale depends on ``head_dim``,
-    so these channels are lossy.
+    Inputs: ``q, k, v`` (channels on the last axis), the qkv weight
+    ``[3 * heads * head_dim, C]`` and bias, the projection weight
+    ``[C_out, heads * head_dim]`` and bias, an optional table with one column
+    per head (Swin's relative position bias), then tensors that only steer
+    positions (masks).  Attrs: ``num_heads``, ``head_dim``, ``per_head_mask``
+    (a mask input has a head axis, so no head can go).
+
+    * Input channels: q, k and v are read by the same packed columns, so
+      their channels are unified; every other labelled axis is fixed
+      (tokens and windows are mixed).
+    * Heads: one produced id per head, marked as a head.  The qkv rows are
+      ``[3, heads, head_dim]`` and the projection columns ``[heads,
+      head_dim]``, so a unit is a whole head: its q, k, v rows, its
+      projection columns and its table column.  ``head_dim`` and the
+      attention scale never change, so head groups are exact (the
+      frontends only capture modules that read ``head_dim`` from an
+      attribute or a stored scale; apply gives torchvision's modules a
+      forward that does).
+    * Output: the projection produces new channels on the last axis.  An
+      attention-weights output keeps its head axis labelled.
     """
 
     def apply(self, node, st):
-        q = node.inputs[0]
-        heads = int(node.attrs["num_heads"])
-        ids = channel_ids(st, q, q.rank - 1, node.describe())
-        for kv in node.inputs[1:3]:
-            if kv is not None and kv is not q:
-                st.uf.union_arrays(ids, channel_ids(st, kv, kv.rank - 1, node.describe()))
-        _attention_members(node, st, ids, heads)
-        lm = others(st.get(q), q.rank - 1)
-        lm[(q.rank - 1,)] = ids
-        st.set(node.outputs[0], lm)
-        for extra in node.outputs[1:]:
-            st.set(extra, {})
+        q, k, v, qkv_w, qkv_b, proj_w, proj_b, table, *extra = node.inputs
+        why = node.describe()
+        heads, hd = int(node.attrs["num_heads"]), int(node.attrs["head_dim"])
+        ids = channel_ids(st, q, q.rank - 1, why)
+        for x in (q, k, v):
+            if x is not q and x is not None:
+                st.uf.union_arrays(ids, channel_ids(st, x, x.rank - 1, why))
+            if x is not None:
+                st.fix_map(others(st.get(x), x.rank - 1), f"{why}: positions mixed")
+        for x in extra:
+            st.fix_map(st.get(x), f"{why}: attention mask")
+        add_param_member(st, qkv_w, 1, "in", ids, node)
+        if qkv_w.shape[0] == 3 * heads * hd and proj_w.shape[1] == heads * hd:
+            head_ids = st.produce(heads)
+            st.mark_heads(head_ids)
+            if node.attrs.get("per_head_mask"):
+                st.fix(head_ids, f"{why}: the attention mask has one slice per head")
+            rows = np.repeat(head_ids, hd)
+            add_param_member(st, qkv_w, 0, "out", rows, node, tile=3)
+            add_param_member(st, qkv_b, 0, "out", rows, node, tile=3)
+            add_param_member(st, proj_w, 1, "in", rows, node)
+            add_param_member(st, table, 1, "out", head_ids, node)
+        else:
+            head_ids = None
+            reason = f"{why}: projections are not [3, {heads}, {hd}] rows / [{heads}, {hd}] columns"
+            for w, axis, role in ((qkv_w, 0, "out"), (qkv_b, 0, "out"), (proj_w, 1, "in"), (table, 1, "out")):
+                if w is not None:
+                    fixed = st.uf.fresh(w.shape[axis])
+                    st.fix(fixed, reason)
+                    add_param_member(st, w, axis, role, fixed, node)
+        out_ids = st.produce(proj_w.shape[0])
+        add_param_member(st, proj_w, 0, "out", out_ids, node)
+        add_param_member(st, proj_b, 0, "out", out_ids, node)
+        out = node.outputs[0]
+        st.set(out, {(out.rank - 1,): out_ids})
+        for w in node.outputs[1:]:  # attention weights: [B, heads, T, S] unless averaged
+            st.set(w, {(1,): head_ids} if head_ids is not None and w.rank == 4 and w.shape[1] == heads else {})
 
 
 @register("swin_attention")
 class SwinAttentionRule(Rule):
-    """torchvision's ``shifted_window_attention``: same structure as MHA.
+    """torchvision's ``shifted_window_attention`` function, where the fx
+    frontend sees the call (Swin V2; V1 modules are captured whole as ``mha``).
 
     ``head_dim`` is computed as ``C // num_heads`` from the input width, so
-    the input, q/k/v and output widths move together.
+    the input, q/k/v and output widths move together: the embed space is
+    viewed as ``[heads, head_dim]`` and unified across heads, a unit is one
+    head-dim position in every head, lossy (the scale reads the width).
     """
 
     def apply(self, node, st):
