@@ -228,3 +228,40 @@ def test_per_layer_widths_reload_through_the_graphprune_loader(tmp_path):
     again = gp.load_pretrained(str(tmp_path))
     assert {layer.mlp.up_proj.out_features for layer in again.model.layers} == widths
     assert torch.allclose(logits(again, x), logits(slim, x), atol=1e-5)
+
+
+def test_a_plan_that_breaks_grouped_query_attention_is_refused():
+    """A hand-edited plan that removes one query head of a KV group (not a
+    whole group) raises a one-line PlanError; the model is untouched."""
+    from graphprune.planning.plan import PlanGroup, PlanMember, PruningPlan
+
+    torch.manual_seed(0)
+    model, _ = llama()  # 8 query heads of 8 dims, 4 KV heads
+    model.eval()
+    snap = snapshot(model)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    keep = tuple(range(8, 64))  # drops query head 0 only
+    members = (PlanMember(q, 0, "out", keep, tuple(range(64))), PlanMember(o, 1, "in", keep, tuple(range(64))))
+    plan = PruningPlan((PlanGroup(0, "head", 8, 7, False, members),), {})
+    with pytest.raises(gp.PlanError, match="7 query heads cannot share 4 KV heads"):
+        gp.apply(model, plan)
+    assert_untouched(model, snap)
+
+
+def test_a_model_nothing_can_capture_gets_one_line_and_stays_untouched():
+    class Opaque(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent Python control flow: fx cannot trace it
+                return self.lin(x)
+            return self.lin(x).numpy()  # and export cannot either
+
+    model = Opaque().eval()
+    snap = snapshot(model)
+    with pytest.raises(gp.CaptureError) as err:
+        gp.plan(model, torch.ones(2, 4), heads=0.5)
+    assert "\n" not in str(err.value) and "torch.fx" in str(err.value) and "torch.export" in str(err.value)
+    assert_untouched(model, snap)

@@ -190,6 +190,9 @@ def rewrite_head_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
         widths = [_proj_width(getattr(attn, n, None)) for n in _Q + _K + _FUSED]
         if any(w is not None and w % hd for w in widths):
             raise PlanError(f"'{name}': projection widths {[w for w in widths if w]} are not whole heads of {hd}")
+        if not kv or heads % kv:
+            raise PlanError(f"'{name}': {heads} query heads cannot share {kv} KV heads evenly "
+                            f"(grouped-query attention needs a multiple)")
         new = {a: heads for a in _HEADS} | {a: kv for a in _KV_HEADS}
         new |= {"num_key_value_groups": heads // max(kv, 1), "all_head_size": heads * hd, "split_size": heads * hd,
                 "attn_dim": heads * hd}
