@@ -80,16 +80,27 @@ def accuracy(model, test_set):
     return float((model.eval()(X).argmax(1) == y).float().mean())
 
 
-def tp_prune(model, x, target, importance):
-    """Torch-Pruning at the ratio whose MACs meet ``target`` (bisection)."""
+def tp_prune(model, x, target, importance, calibration=None, global_pruning=False):
+    """Torch-Pruning at the ratio whose MACs meet ``target`` (bisection).
+
+    Gradient criteria (Taylor, Hessian) get the same label-free loss on the
+    same calibration batches graphprune uses, accumulated before each step.
+    """
     import torch_pruning as tp
+
+    from graphprune.calibration import default_loss
 
     dense = gp.count_macs(model, x)
     lo, hi, best = 0.0, 0.95, None
     for _ in range(10):
         mid = (lo + hi) / 2
         m = copy.deepcopy(model)
-        pruner = tp.pruner.MetaPruner(m, x, importance=importance, pruning_ratio=mid, ignored_layers=[m.fc])
+        pruner = tp.pruner.MetaPruner(m, x, importance=importance, pruning_ratio=mid, ignored_layers=[m.fc],
+                                      global_pruning=global_pruning)
+        if calibration is not None:
+            m.zero_grad()
+            for batch in calibration:
+                default_loss(m(batch)).backward()
         pruner.step()
         if gp.count_macs(m, x) / dense <= target:
             hi, best = mid, m
@@ -99,11 +110,19 @@ def tp_prune(model, x, target, importance):
 
 
 def tp_importances():
+    """Torch-Pruning's criteria by graphprune's names: (importance, needs gradients, global ranking)."""
     import torch_pruning as tp
 
-    return {"l1": tp.importance.MagnitudeImportance(p=1), "l2": tp.importance.MagnitudeImportance(p=2),
-            "bn_scale": tp.importance.BNScaleImportance(), "fpgm": tp.importance.FPGMImportance(),
-            "random": tp.importance.RandomImportance()}
+    return {"l1": (tp.importance.MagnitudeImportance(p=1), False, False),
+            "l2": (tp.importance.MagnitudeImportance(p=2), False, False),
+            "bn_scale": (tp.importance.BNScaleImportance(), False, False),
+            "fpgm": (tp.importance.FPGMImportance(), False, False),
+            "taylor": (tp.importance.TaylorImportance(), True, False),
+            "lamp": (tp.importance.LAMPImportance(p=2), False, True),
+            "random": (tp.importance.RandomImportance(), False, False)}
+
+
+GP_SETTINGS = {"lamp": {"importance": "l2", "allocation": "global", "normalizer": "lamp"}}
 
 
 def main(argv=None) -> int:
@@ -121,15 +140,17 @@ def main(argv=None) -> int:
     calibration = list(train_set[0][:256].split(64))
     rows = []
     for target in (float(t) for t in args.targets.split(",")):
-        for crit in ("l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "activation", "wanda", "random"):
+        for crit in ("l1", "l2", "bn_scale", "fpgm", "taylor", "obd", "activation", "wanda", "lamp", "random"):
             t0 = time.perf_counter()
-            plan = gp.plan(model, x, macs=target, importance=crit, ignore=[model.fc], calibration=calibration)
+            how = GP_SETTINGS.get(crit, {"importance": crit})
+            plan = gp.plan(model, x, macs=target, ignore=[model.fc], calibration=calibration, **how)
             kept = gp.count_macs(gp.apply(model, plan), x) / gp.count_macs(model, x)
             accs = {mode: accuracy(gp.apply(model, plan, calibration=calibration, compensation=mode), test_set)
                     for mode in ("none", "bn", "bias", "lstsq")}
             tp_acc = "-"
             if crit in tp_importances():
-                tp_model = tp_prune(model, x, target, tp_importances()[crit])
+                imp, grads, glob = tp_importances()[crit]
+                tp_model = tp_prune(model, x, target, imp, calibration if grads else None, glob)
                 tp_acc = f"{accuracy(tp_model, test_set):.1%}" if tp_model is not None else "fail"
             rows.append((target, crit, kept, accs, tp_acc, time.perf_counter() - t0))
             print(f"done {target} {crit}", file=sys.stderr, flush=True)
@@ -146,7 +167,9 @@ def main(argv=None) -> int:
 
 def table(rows, dense) -> str:
     out = [f"Digits CNN (scikit-learn digits, 1500 train / 297 test), dense accuracy {dense:.1%}; "
-           "one-shot, no gradient step unless stated; compensation on 256 unlabelled training images.", "",
+           "one-shot, no gradient step unless stated; compensation on 256 unlabelled training images. "
+           "lamp: L2 scores, LAMP-normalised, one global ranking (both tools); taylor: the same label-free "
+           "loss on the same 256 images for both tools.", "",
            "| MACs target | criterion | MACs kept | gp no comp. | gp BN recal. | gp bias comp. | gp lstsq comp. "
            "| Torch-Pruning |",
            "|---|---|---|---|---|---|---|---|"]
