@@ -97,7 +97,11 @@ class _LazyArrays(dict):
         self._tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
 
     def __missing__(self, key):
-        arr = self._tensors[key].detach().cpu().float().numpy()
+        t = self._tensors[key]
+        if t.is_meta:
+            raise InvalidArgumentError(f"the criterion reads weights, but '{key}' is on the meta device "
+                                       f"(no data): use importance='random' or load the weights")
+        arr = t.detach().cpu().float().numpy()
         self[key] = arr
         return arr
 

@@ -265,3 +265,15 @@ def test_a_model_nothing_can_capture_gets_one_line_and_stays_untouched():
         gp.plan(model, torch.ones(2, 4), heads=0.5)
     assert "\n" not in str(err.value) and "torch.fx" in str(err.value) and "torch.export" in str(err.value)
     assert_untouched(model, snap)
+
+
+def test_weight_criteria_on_meta_say_so():
+    """A model built on the meta device can be captured and planned with random
+    importance; a criterion that reads weights says what is missing."""
+    with torch.device("meta"):
+        model, _ = llama()
+    x = {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}
+    with pytest.raises(gp.InvalidArgumentError, match="meta device"):
+        gp.plan(model, x, ratio=0.25)
+    plan = gp.plan(model, x, ratio=0.25, heads=0.25, importance="random")
+    assert {g.kind for g in plan.groups} == {"channel", "head"}
