@@ -6,12 +6,21 @@ import os
 import statistics
 import subprocess
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("graphprune", "torch-pruning")
+
+
+def version(package: str) -> str:
+    """Installed version of ``package``, or ``not installed``."""
+    try:
+        return _version(package)
+    except PackageNotFoundError:
+        return "not installed"
 META = "7b-meta"
 
 

@@ -109,6 +109,13 @@ def batches(tok, texts, size=32):
             for i in range(0, len(texts), size)]
 
 
+def heads_per_layer(model) -> str:
+    """Heads per attention layer, read from the projections (BERT's config cannot say it)."""
+    from graphprune.apply.torch_apply import rewrite_head_counts
+
+    return "/".join(str(h) for h in sorted({h for h, _ in rewrite_head_counts(model).values()}))
+
+
 def run(model, tok, test, cal, settings):
     """One row per (what, share, criterion, compensation) in ``settings``."""
     ex = dict(tok(test[:4], padding=True, return_tensors="pt"))
@@ -120,7 +127,7 @@ def run(model, tok, test, cal, settings):
         for comp in ("none", "lstsq"):
             slim = gp.apply(model, plan, calibration=cal if comp == "lstsq" else None)
             emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
-            rows.append((what, share, crit, comp, slim.config.num_attention_heads if heads else 12,
+            rows.append((what, share, crit, comp, heads_per_layer(slim),
                          slim.config.intermediate_size, mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
         print(f"done {what} {share} {crit}", file=sys.stderr, flush=True)
     return rows
@@ -131,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--criteria", default="l2,taylor,obd,wanda")
     p.add_argument("--calibration", type=int, default=1200, help="number of calibration sentences")
+    p.add_argument("--shares", default="0.25,0.5", help="fractions of MLP channels (and heads) removed")
+    p.add_argument("--what", default="MLP,heads+MLP", help="what is pruned: MLP, heads+MLP or both")
     args = p.parse_args(argv)
     tok, model = load()
     sents = sentences()
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     calib = sents[250:] + calibration_sentences(set(sents), args.calibration)
     calib = calib[:args.calibration]
     cal = batches(tok, calib)
-    settings = [(what, share, crit) for what in ("MLP", "heads+MLP") for share in (0.25, 0.5)
+    settings = [(what, float(share), crit) for what in args.what.split(",") for share in args.shares.split(",")
                 for crit in args.criteria.split(",")]
     rows = run(model, tok, test, cal, settings)
     lines = [f"all-MiniLM-L6-v2, {len(test)} real sentences (scikit-learn's bundled texts), mean-pooled "
