@@ -540,7 +540,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]  # `transformers` is the package
     sys.path.insert(0, ROOT)
     args = parse_args(argv)
     if args.worker:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 import torch
+from common import source_state  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("graphprune", "torch-pruning")
@@ -186,15 +186,6 @@ def render(results, args, elapsed: float | None = None) -> str:
     lines += ["", "## Reading", ""] + (reading_small(pairs(results), args) if pairs(results) else [])
     lines += reading_meta(results)
     return "\n".join(lines) + "\n"
-
-
-def source_state() -> str:
-    """``git describe`` of the checkout."""
-    try:
-        out = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
-        return out.stdout.strip() or "no git"
-    except OSError:
-        return "no git"
 
 
 # ----------------------------------------------------------------------------- command line

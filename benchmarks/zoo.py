@@ -49,6 +49,8 @@ HEAVY = ["vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", 
          "efficientnet_b6", "efficientnet_v2_l", "convnext_large", "swin_v2_b", "swin_b", "regnet_y_16gf"]
 NUM_CLASSES = 1000
 MARK = "ZOO-RESULT "  # prefix of the worker's one JSON line on stdout
+from common import source_state  # noqa: E402  (benchmarks/ is not a package)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -206,15 +208,6 @@ def secs(r: dict) -> str:
 def ratio_of(gp_r: dict, tp_r: dict) -> float | None:
     """TP time / graphprune time, when both tools got through pruning."""
     return tp_r["time"] / gp_r["time"] if gp_r["time"] and tp_r["time"] else None
-
-
-def source_state() -> str:
-    """``git describe`` of the checkout (graphprune may be edited while the sweep runs)."""
-    try:
-        out = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
-        return out.stdout.strip() or "no git"
-    except OSError:
-        return "no git"
 
 
 def table(results: dict, args) -> str:
