@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from .atomic import atomic_path
 from .errors import GraphPruneError
 from .zoo import DEFAULT_MODEL
 
@@ -119,9 +120,8 @@ def cmd_prune(args) -> int:
     if report.lossy_groups:
         print(f"lossy      {len(report.lossy_groups)} groups cross LayerNorm/attention statistics; "
               f"they move outputs by up to {report.lossy_max_abs_diff:.3g}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save(slim, args.out)
+    with atomic_path(args.out) as tmp:
+        torch.save(slim, tmp)
     plan_path = os.path.splitext(args.out)[0] + ".plan.json"
     with open(plan_path, "w") as f:
         f.write(plan.to_json(indent=1))
@@ -189,13 +189,8 @@ def _save_module(module, out: str) -> None:
     """``torch.save`` atomically: the file appears complete or not at all."""
     import torch
 
-    tmp = out + ".tmp"
-    try:
+    with atomic_path(out) as tmp:
         torch.save(module, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"wrote      {out} (torch.save of the module)")
 
 
@@ -240,10 +235,8 @@ def print_block_report(report, removed: int, data: str) -> None:
 
 def write_block_report(report, path: str | None) -> None:
     if path:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             f.write(report.to_json(indent=1))
-        os.replace(tmp, path)
         print(f"report     {path}")
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .atomic import atomic_path
+
 _MEMORY: dict[str, float] = {}
 
 
@@ -40,11 +42,8 @@ def _load_disk() -> None:
 def _save_disk() -> None:
     path = _cache_path()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(_MEMORY, f)
-        os.replace(tmp, path)
     except OSError:
         pass
 

@@ -9,8 +9,6 @@ seeded random inputs with symbolic dimensions set to 1 are used.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -18,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .apply.onnx_apply import apply_onnx as _apply
+from .atomic import atomic_path
 from .capture.onnx_capture import capture_onnx
 from .capture.onnx_load import graph_inputs, input_shapes, load_model, random_inputs
 from .checks import check_allocation, check_budget, check_round_to
@@ -177,13 +176,5 @@ def latency_onnx(model, inputs=None, repeats: int = 20, warmup: int = 3, threads
 
 def save_onnx(model: onnx.ModelProto, path: str) -> None:
     """Write atomically: a failure leaves nothing at ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

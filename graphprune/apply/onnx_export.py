@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 import warnings
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch.fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..atomic import atomic_path
 from ..capture.onnx_load import graph_inputs
 from ..capture.torch_fx import as_args
 from ..errors import CaptureError, VerificationError
@@ -99,10 +99,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, dynamic_batch: bool
                            f"{type(err).__name__}: {str(err).strip()[:150]}") from err
     names = ([f"input{i}" if len(args) > 1 else "input" for i in range(len(args))],
              [f"output{i}" if len(expected) > 1 else "output" for i in range(len(expected))])
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".partial"
-    try:
+    with atomic_path(path) as tmp:
         _export(slim, args, tmp, names, dynamic_batch, opset)
         proto = onnx.load(tmp)
         feeds = {v.name: a.detach().cpu().numpy() for v, a in zip(graph_inputs(proto), args)}
@@ -112,8 +109,4 @@ def export_onnx(model: nn.Module, example_inputs, path: str, dynamic_batch: bool
         if not diff <= tol:
             raise VerificationError(f"ONNX export of {type(model).__name__} differs from PyTorch by {diff:.3g} "
                                     f"(tolerance {tol:.3g})")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return {"path": path, "folded_batchnorms": folded, "max_abs_diff": diff, "tolerance": tol}

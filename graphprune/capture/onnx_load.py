@@ -104,7 +104,7 @@ def _unshare_small_ints(g) -> None:
             if t is None or readers[name] < 2 or not _is_small_int(t):
                 continue
             readers[name] -= 1
-            new = _fresh(f"{name}__{node.name or node.op_type}_{i}", taken)
+            new = fresh_name(f"{name}__{node.name or node.op_type}_{i}", taken)
             copy = onnx.TensorProto()
             copy.CopyFrom(t)
             copy.name = new
@@ -117,7 +117,8 @@ def _is_small_int(t: onnx.TensorProto) -> bool:
     return t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and n <= SMALL_INT
 
 
-def _fresh(name: str, taken: set[str]) -> str:
+def fresh_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... : the first not in ``taken`` (which it joins)."""
     base, i = name, 1
     while name in taken:
         name, i = f"{base}_{i}", i + 1

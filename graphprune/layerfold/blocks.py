@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +39,7 @@ import torch.nn as nn
 from ..calibration import Calibration, run_checked
 from ..errors import InvalidArgumentError, PlanError
 from .collapse import eval_mode
+from .plan import RankedEntries
 
 METHODS = ("cosine", "loss")
 _SHORTCUT_ATTRS = ("downsample", "shortcut")
@@ -62,35 +62,17 @@ class BlockScore:
 
 
 @dataclass(frozen=True)
-class BlockReport:
+class BlockReport(RankedEntries):
     """Blocks ranked by ascending score (the first is the most removable)."""
+
+    what = "block"
 
     method: str
     baseline: float | None  # mean loss of the unpruned model (``method="loss"``), else None
     entries: tuple[BlockScore, ...]
 
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, key: int | str) -> BlockScore:
-        if isinstance(key, str):
-            for e in self.entries:
-                if e.name == key:
-                    return e
-            raise InvalidArgumentError(f"no block named {key!r} in the report")
-        return self.entries[key]
-
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries]
-
     def to_dict(self) -> dict:
         return {"method": self.method, "baseline": self.baseline, "entries": [asdict(e) for e in self.entries]}
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, data: dict) -> BlockReport:

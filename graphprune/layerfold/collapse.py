@@ -39,7 +39,6 @@ train/eval flag is restored).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 from ..calibration import Calibration, run_checked
 from ..errors import InvalidArgumentError
+from .plan import RankedEntries
 
 _MODULE_KINDS = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.LeakyReLU, "leaky_relu"), (nn.GELU, "gelu"),
                  (nn.SiLU, "silu"))
@@ -86,34 +86,16 @@ class ActivationStat:
 
 
 @dataclass(frozen=True)
-class ActivationReport:
+class ActivationReport(RankedEntries):
     """Activation sites ranked by ``score`` (lowest, most linear, first; unscored last)."""
+
+    what = "activation site"
 
     score: str
     entries: tuple[ActivationStat, ...]
 
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, key: int | str) -> ActivationStat:
-        if isinstance(key, str):
-            for e in self.entries:
-                if e.name == key:
-                    return e
-            raise InvalidArgumentError(f"no activation site named {key!r} in the report")
-        return self.entries[key]
-
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries]
-
     def to_dict(self) -> dict:
         return {"score": self.score, "entries": [asdict(e) for e in self.entries]}
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, data: dict) -> ActivationReport:

@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..capture.onnx_load import graph_inputs, infer_shapes, input_shapes, random_inputs
+from ..capture.onnx_load import fresh_name, graph_inputs, infer_shapes, input_shapes, random_inputs
 from ..errors import InvalidArgumentError, PlanError, VerificationError
 from ..onnx_api import feeds
 from ..verify.onnx_verify import session
@@ -323,7 +323,7 @@ def _gated(m: onnx.ModelProto, blocks: list[OnnxBlock], dtypes: dict) -> tuple[o
     taken = {v for n in g.node for v in (*n.input, *n.output)} | {v.name for v in g.input} | {n.name for n in g.node}
     nodes, gates = list(g.node), []
     for j, b in enumerate(blocks):
-        gate, out = (_fresh(f"{_GATE}_{j}{suffix}", taken) for suffix in ("", "_out"))
+        gate, out = (fresh_name(f"{_GATE}_{j}{suffix}", taken) for suffix in ("", "_out"))
         dtype = np.dtype(dtypes.get(b.branch_output) or "float32")
         add = next(i for i, n in enumerate(nodes) if n.name == b.name)
         nodes[add].input[list(nodes[add].input).index(b.branch_output)] = out
@@ -333,14 +333,6 @@ def _gated(m: onnx.ModelProto, blocks: list[OnnxBlock], dtypes: dict) -> tuple[o
     del g.node[:]
     g.node.extend(nodes)
     return gated, gates
-
-
-def _fresh(name: str, taken: set[str]) -> str:
-    base, k = name, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def _loss_scores(m: onnx.ModelProto, blocks: list[OnnxBlock], batches: list[dict], dtypes: dict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from ..errors import PlanError
+from ..errors import InvalidArgumentError, PlanError
 
 KINDS = ("bn", "linear_pair", "conv_pair", "residual")
 STATUSES = ("exact", "forced", "refused")
@@ -181,4 +181,36 @@ def pair_step(kind: str, names: tuple[str, ...], first, second, first_bias_zero:
         return FoldStep(kind, names, "refused", f"the folded {cfg.describe()} costs more: "
                                                 f"{after:,} > {before:,} MACs", **macs)
     return FoldStep(kind, names, "forced" if soft else "exact", soft or "", **macs)
+
+
+class RankedEntries:
+    """Shared behaviour of ranked reports (blocks, activation sites): a frozen
+    dataclass with an ``entries`` tuple of dataclasses, each with a ``name``.
+
+    Iterating, ``len``, indexing by position or by name (an unknown name is an
+    :class:`InvalidArgumentError` naming it), ``names()`` and ``to_json``;
+    subclasses give ``to_dict`` and ``what`` (the noun in the error).
+    """
+
+    what = "entry"
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for e in self.entries:
+                if e.name == key:
+                    return e
+            raise InvalidArgumentError(f"no {self.what} named {key!r} in the report")
+        return self.entries[key]
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
 
