@@ -17,3 +17,12 @@ def source_state() -> str:
         return out.stdout.strip() or "no git"
     except OSError:
         return "no git"
+
+
+def write_text(path: str | None, text: str) -> None:
+    """Write ``text`` (ending in one newline) to ``path``, creating its folder; no-op without a path."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n")

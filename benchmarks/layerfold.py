@@ -40,6 +40,7 @@ from graphprune.layerfold.collapse import activation_report, choose_linearise
 from graphprune.layerfold.torch_fold import fold, plan_fold
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_text  # noqa: E402  (benchmarks/ is not a package)
 from onnx_latency import interleaved_medians, make_session  # noqa: E402
 from quality import DigitsNet, accuracy, data, train  # noqa: E402
 
@@ -454,9 +455,7 @@ def main(argv=None) -> int:
     command = " ".join(["python benchmarks/layerfold.py", *(sys.argv[1:] if argv is None else argv)])
     text = markdown(result, command)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_text(args.out, text)
     return 0
 
 

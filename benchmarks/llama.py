@@ -45,6 +45,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from common import write_text  # noqa: E402
 from llama_report import META, TOOLS, render, secs  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = os.path.dirname(HERE)
@@ -499,11 +500,8 @@ def sweep(args) -> None:
                 print(f"    {msg}", file=sys.stderr, flush=True)
     md = render(results, args, time.perf_counter() - start)
     print(md, end="")
-    for path, text in ((args.out, md), (args.json, json.dumps(results, indent=1))):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
+    write_text(args.out, md)
+    write_text(args.json, json.dumps(results, indent=1))
 
 
 # ----------------------------------------------------------------------------- markdown

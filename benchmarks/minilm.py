@@ -20,6 +20,7 @@ import sys
 
 import torch
 import transformers
+from common import write_text  # noqa: E402  (benchmarks/ is not a package)
 
 import graphprune as gp
 
@@ -159,9 +160,7 @@ def main(argv=None) -> int:
               for w, r, c, m, h, i, cos, rho in rows]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_text(args.out, text)
     return 0
 
 

@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import write_text  # noqa: E402  (benchmarks/ is not a package)
 
 import graphprune as gp
 from graphprune.zoo import build, lively_init
@@ -118,9 +119,7 @@ def main(argv=None) -> int:
             print(f"done {name}", file=sys.stderr, flush=True)
     text = table(rows, args.threads, args.round_to)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_text(args.out, text)
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import write_text  # noqa: E402  (benchmarks/ is not a package)
 from sklearn.datasets import load_digits
 
 import graphprune as gp
@@ -159,9 +160,7 @@ def main(argv=None) -> int:
         rows.append((target, "default + 1 epoch", None, {"lstsq": tuned}, "-", 0.0))
     text = table(rows, dense)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_text(args.out, text)
     return 0
 
 

@@ -49,7 +49,7 @@ HEAVY = ["vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", 
          "efficientnet_b6", "efficientnet_v2_l", "convnext_large", "swin_v2_b", "swin_b", "regnet_y_16gf"]
 NUM_CLASSES = 1000
 MARK = "ZOO-RESULT "  # prefix of the worker's one JSON line on stdout
-from common import source_state  # noqa: E402  (benchmarks/ is not a package)
+from common import source_state, write_text  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -275,11 +275,8 @@ def sweep(args) -> None:
                 print(f"    {r['tool']}: {r['error']}", file=sys.stderr, flush=True)
     md = table(results, args)
     print(md, end="")
-    for path, text in ((args.out, md), (args.json, json.dumps([r for p in results.values() for r in p], indent=1))):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
+    write_text(args.out, md)
+    write_text(args.json, json.dumps([r for p in results.values() for r in p], indent=1))
 
 
 def merge(args) -> None:
@@ -295,8 +292,7 @@ def merge(args) -> None:
                if n in by_model and {"graphprune", "torch-pruning"} <= set(by_model[n])}
     md = table(results, args).replace("\n\n", f"\n\nMerged from {args.from_json}.\n\n", 1)
     print(md, end="")
-    with open(args.out, "w") as f:
-        f.write(md)
+    write_text(args.out, md)
 
 
 def main(argv=None) -> None:
