@@ -1,6 +1,7 @@
-"""Fallback capture with ``torch.export`` for models torch.fx cannot trace.
+"""Capture with ``torch.export`` (or a recorded eager forward, see
+:mod:`.torch_record`) for models torch.fx cannot trace.
 
-The exported program is an aten-level fx graph whose parameter placeholders
+The exported (or recorded) program is an aten-level fx graph whose parameter placeholders
 are mapped back to their qualified names through the graph signature.  All
 sizes in an exported graph are literals, so every reshape of a channel axis
 is treated as static (channels do not cross it) — the safe reading — except
@@ -8,6 +9,8 @@ trailing axes a reshape leaves intact (see :func:`_static_axes`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -183,25 +186,39 @@ class _ExportTranslator:
             self.emit(node, f"aten:{name}", [v(x) for x in a if isinstance(x, torch.fx.Node)])
 
 
-def capture_export(model: torch.nn.Module, inputs) -> Graph:
-    """Export ``model`` on ``inputs`` and translate the aten graph to the IR.
-
-    Models with a Hugging Face style ``config.use_cache`` are exported with the
-    cache off (its objects are not tensors); the flag is restored afterwards.
-    """
-    from .torch_fx import as_args
-
-    args, kwargs = as_args(inputs)
+@contextlib.contextmanager
+def _without_cache(model: torch.nn.Module):
+    """Hugging Face style ``config.use_cache`` off (its objects are not tensors), restored after."""
     config = getattr(model, "config", None)
     cache = getattr(config, "use_cache", None)
     if cache:
         config.use_cache = False
     try:
-        ep = torch.export.export(model, args, kwargs=kwargs or None, strict=False)
+        yield
     finally:
         if cache:
             config.use_cache = cache
+
+
+def capture_export(model: torch.nn.Module, inputs) -> Graph:
+    """Export ``model`` on ``inputs`` and translate the aten graph to the IR."""
+    from .torch_fx import as_args
+
+    args, kwargs = as_args(inputs)
+    with _without_cache(model):
+        ep = torch.export.export(model, args, kwargs=kwargs or None, strict=False)
     return _ExportTranslator(ep).run()
+
+
+def capture_record(model: torch.nn.Module, inputs) -> Graph:
+    """Record one eager forward (:mod:`.torch_record`) and translate it like an exported graph."""
+    from .torch_fx import as_args
+    from .torch_record import record
+
+    args, kwargs = as_args(inputs)
+    with _without_cache(model):
+        recorded = record(model, args, kwargs)
+    return _ExportTranslator(recorded).run()
 
 
 # -- ops of transformer models (aten level) ------------------------------------

@@ -193,20 +193,30 @@ def _translate(ctx: _FxContext, node) -> None:
 
 
 def capture_torch(model: torch.nn.Module, inputs) -> Captured:
-    """fx first, torch.export second; :class:`CaptureError` names both failures."""
+    """torch.fx first, then a recorded eager forward, then torch.export;
+    :class:`CaptureError` names every failure.
+
+    fx keeps the model's own sizes symbolic; the recorder and export bake
+    them in (one path, literal sizes) and share one translator.  The
+    recorder refuses data-dependent control flow and aliased in-place
+    writes, which export then decides or refuses.
+    """
     try:
         gm = trace_fx(model, inputs)
     except CaptureError:
         raise
     except Exception as fx_err:  # fx raises many types for untraceable code
-        from .torch_export import capture_export
+        from .torch_export import capture_export, capture_record
 
         try:
-            return Captured(capture_export(model, inputs), "export")
-        except Exception as ex_err:
-            raise CaptureError(
-                f"cannot capture {type(model).__name__}: torch.fx failed ({_short(fx_err)}); "
-                f"torch.export failed ({_short(ex_err)})") from ex_err
+            return Captured(capture_record(model, inputs), "record")
+        except Exception as rec_err:  # noqa: BLE001 - any failure of the recorder falls back to export
+            try:
+                return Captured(capture_export(model, inputs), "export")
+            except Exception as ex_err:
+                raise CaptureError(
+                    f"cannot capture {type(model).__name__}: torch.fx failed ({_short(fx_err)}); "
+                    f"recording failed ({_short(rec_err)}); torch.export failed ({_short(ex_err)})") from ex_err
     return Captured(fx_to_ir(gm, model), "fx")
 
 

@@ -1,0 +1,118 @@
+"""The recording frontend (one eager forward under a TorchFunctionMode):
+differential against torch.export on the Hugging Face configs, its refusals
+(data-dependent control flow, aliased in-place writes) and the fallbacks."""
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+from helpers import assert_untouched, snapshot
+from test_transformers import HEAD_MODELS, inputs_for
+
+import graphprune as gp
+from graphprune.capture.torch_export import capture_export, capture_record
+from graphprune.capture.torch_record import RecordError
+from graphprune.coupling.groups import couple
+
+
+def signature(graph):
+    """Every group as (kind, width, lossy, sorted members) - independent of group order and ids."""
+    groups = couple(graph).groups
+    return sorted((g.kind, g.width, g.lossy, tuple(g.prunable),
+                   tuple(sorted((m.param, m.axis, m.role, m.indices, m.units) for m in g.members)))
+                  for g in groups)
+
+
+@pytest.mark.parametrize("build", HEAD_MODELS, ids=lambda b: b.__name__)
+def test_record_finds_the_groups_export_finds(build):
+    torch.manual_seed(0)
+    model = build()[0].eval()
+    x = inputs_for(model)
+    snap = snapshot(model)
+    assert signature(capture_record(model, x)) == signature(capture_export(model, x))
+    assert_untouched(model, snap)
+
+
+def test_hf_models_are_captured_by_recording_and_pruned_exactly():
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                                   intermediate_size=128, vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    plan = gp.plan(model, ids, ratio=0.5, heads=0.5)
+    assert plan.meta["capture"] == "record"
+    report = gp.verify(model, gp.apply(model, plan), plan, ids)
+    assert report.exact and report.max_abs_diff < 1e-4
+
+
+class Branchy(nn.Module):
+    """Python control flow on a traced value: the recorder refuses, export cannot decide it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.mean() > 0:
+            h = h * 2
+        return self.b(h)
+
+
+class AliasedWrite(nn.Module):
+    """An in-place write through a view: the recorder refuses, export handles it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 0:  # a shape branch: fx cannot trace it
+            h = self.a(x)
+            v = h.view(-1)
+            v.mul_(2.0)
+            return self.b(h)
+        return x
+
+
+class Indexing(nn.Module):
+    """Slices, None, Ellipsis, iteration and r-operators on traced tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.dim() < 2:
+            return x
+        h = self.a(x)[:, None, ...][:, 0]
+        rows = [r for r in h]
+        h = torch.stack(rows) if len(rows) > 1 else rows[0][None]
+        return self.b(1.0 - h[..., :8] * 0.5)
+
+
+def test_data_dependent_branch_is_refused_not_burned_in():
+    model = Branchy().eval()
+    with pytest.raises(RecordError, match="data-dependent"):
+        capture_record(model, torch.randn(2, 4))
+
+
+def test_aliased_inplace_write_falls_back_to_export():
+    model = AliasedWrite().eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(RecordError, match="in-place"):
+        capture_record(model, x)
+    plan = gp.plan(model, x, ratio=0.5)
+    assert plan.meta["capture"] == "export"
+    gp.verify(model, gp.apply(model, plan), plan, x)
+
+
+def test_indexing_and_iteration_are_recorded():
+    model = Indexing().eval()
+    x = torch.randn(3, 4)
+    graph = capture_record(model, x)
+    ops = [n.op for n in graph.nodes]
+    assert "aten:unbind" in ops and "aten:stack" in ops  # no rule: barriers, never guessed through
+    plan = gp.plan(model, x, ratio=0.5)
+    assert plan.meta["capture"] == "record"
+    gp.verify(model, gp.apply(model, plan), plan, x)
