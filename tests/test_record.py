@@ -116,3 +116,32 @@ def test_indexing_and_iteration_are_recorded():
     plan = gp.plan(model, x, ratio=0.5)
     assert plan.meta["capture"] == "record"
     gp.verify(model, gp.apply(model, plan), plan, x)
+
+
+class MaskBranch(nn.Module):
+    """Branches on an integer mask (as Hugging Face's mask code does) and on a float input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x, mask):
+        h = self.a(x)
+        if not bool((mask == 1).all()):  # integer input values: read as the forward reads them
+            h = h * mask[..., None]
+        return self.b(h)
+
+
+def test_integer_input_reads_are_recorded_float_reads_refused():
+    from graphprune.capture.torch_fx import as_args
+    from graphprune.capture.torch_record import record
+
+    model = MaskBranch().eval()
+    x, mask = torch.randn(2, 4), torch.tensor([1, 0])
+    args, kwargs = as_args((x, mask))
+    assert record(model, args, kwargs).input_reads == ["__bool__"]
+    plan = gp.plan(model, (x, mask), ratio=0.5)
+    assert plan.meta["capture"] == "record"
+    gp.verify(model, gp.apply(model, plan), plan, (x, mask))
+    with pytest.raises(RecordError, match="floating-point data"):
+        capture_record(model, (x, mask.float()))

@@ -21,12 +21,13 @@ Invariants:
 * a call whose result is one of its own inputs (``x.to(x.dtype)``) records
   nothing;
 * reading into Python (``bool``, ``item``, ``tolist``...) the *value* of a
-  tensor computed from a parameter or buffer is data-dependent control flow
-  on the weights: :class:`RecordError`, so the caller falls back to
-  ``torch.export``, which refuses or decides it soundly.  Values computed
-  from the inputs alone (Hugging Face's mask and packed-sequence checks) are
-  read as the model's own forward reads them on these inputs, and every such
-  read is listed in ``Recorded.input_reads``;
+  tensor computed from a parameter or buffer, or of any floating-point
+  tensor, is data-dependent control flow: :class:`RecordError`, so the
+  caller falls back to ``torch.export``, which refuses or decides it
+  soundly.  Integer and boolean values computed from the inputs alone (token
+  ids, attention masks, positions: Hugging Face's mask and packed-sequence
+  checks) are read as the model's own forward reads them on these inputs,
+  and every such read is listed in ``Recorded.input_reads``;
 * an in-place op records a new version of its target; on a target whose
   storage another tracked tensor shares, it raises :class:`RecordError` (the
   other tensor's node would go stale).
@@ -134,7 +135,7 @@ class _Recorder(TorchFunctionMode):
         self.params = {id(p): n for n, p in model.named_parameters()}
         self.buffers = {id(b): n for n, b in model.named_buffers()}
         self.consts = 0
-        self.weighted: set[int] = set()  # ids of tensors computed from a parameter or buffer
+        self.weighted: set[int] = set()  # ids of tensors computed from weights or floating-point data
         self.input_reads: list[str] = []
 
     # -- tensors and their nodes ------------------------------------------
@@ -186,8 +187,8 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         if name in _VALUE_READS:
             if any(self.is_weighted(t) for t in ins):
-                raise RecordError(f"the forward reads the value of a tensor computed from the weights ({name}): "
-                                  "data-dependent control flow")
+                raise RecordError(f"the forward reads the value of a tensor computed from weights or "
+                                  f"floating-point data ({name}): data-dependent control flow")
             self.input_reads.append(name)
             return func(*args, **kwargs)
         inplace = (name.endswith("_") and not name.startswith("_")) or "out" in kwargs
@@ -211,7 +212,9 @@ class _Recorder(TorchFunctionMode):
         return out
 
     def is_weighted(self, t: torch.Tensor) -> bool:
-        return id(t) in self.weighted or id(t) in self.params or id(t) in self.buffers
+        """``t`` is computed from a parameter, a buffer or floating-point data."""
+        return id(t) in self.weighted or id(t) in self.params or id(t) in self.buffers or t.is_floating_point()
+
 
 
 def _storage(t: torch.Tensor) -> int:
