@@ -127,11 +127,15 @@ def build_groups(st: CouplingState) -> list[Group]:
     _, unit_group = np.unique(sig, axis=1, return_inverse=True)
     unit_group = unit_group.ravel()
     status = _unit_status(st, roots, uniq)
+    n_groups = int(unit_group.max()) + 1
+    unit_sets = np.split(np.argsort(unit_group, kind="stable"), np.cumsum(np.bincount(unit_group))[:-1])
+    pair_group = unit_group[p_unit]
+    key_sets = np.split(p_key[np.argsort(pair_group, kind="stable")],
+                        np.cumsum(np.bincount(pair_group, minlength=n_groups))[:-1])
     groups = []
-    for gi in range(unit_group.max() + 1):
-        idx = np.nonzero(unit_group == gi)[0]
+    for idx, gk in zip(unit_sets, key_sets):
         idx = idx[np.argsort(first[idx], kind="stable")]
-        gkeys = sorted({keys[k] for k in p_key[np.isin(p_unit, idx)].tolist()})
+        gkeys = sorted({keys[k] for k in set(gk.tolist())})
         groups.append(_make_group(uniq[idx], gkeys, st, roots, status))
     groups.sort(key=lambda g: _order_key(g, st))
     for i, g in enumerate(groups):

@@ -33,52 +33,67 @@ LabelMap = dict[tuple[int, ...], np.ndarray]
 
 
 class UnionFind:
-    """Union-find over dense integer ids with path halving."""
+    """Union-find over dense integer ids, vectorised with numpy.
+
+    Invariant: ``parent[i] <= i`` for every id, so every class is rooted at
+    its smallest id.  Unions hook the larger root under the smaller one for
+    whole arrays of pairs at once; where several pairs hook the same root in
+    one step only one write lands, and the loop repeats for the rest (each
+    round removes at least one root, so it ends).
+    """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self._parent = np.zeros(1024, dtype=np.int64)
+        self.size = 0
 
     def fresh(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
+        start = self.size
+        if start + n > len(self._parent):
+            grown = np.zeros(max(2 * len(self._parent), start + n), dtype=np.int64)
+            grown[:start] = self._parent[:start]
+            self._parent = grown
+        ids = np.arange(start, start + n, dtype=np.int64)
+        self._parent[start:start + n] = ids
+        self.size = start + n
+        return ids
+
+    def _roots(self, ids: np.ndarray) -> np.ndarray:
+        parent = self._parent
+        r = parent[ids]
+        while True:
+            nxt = parent[r]
+            if np.array_equal(nxt, r):
+                break
+            r = nxt
+        parent[ids] = r  # path compression
+        return r
 
     def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+        return int(self._roots(np.asarray([x], dtype=np.int64))[0])
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                ra, rb = rb, ra
-            self.parent[ra] = rb
+        self.union_arrays(np.asarray([a]), np.asarray([b]))
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unify ``a`` and ``b`` elementwise (they broadcast together)."""
-        a, b = np.broadcast_arrays(a, b)
-        pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
-        for x, y in pairs:
-            if x != y:
-                self.union(x, y)
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        a, b = a.ravel(), b.ravel()
+        while len(a):
+            ra, rb = self._roots(a), self._roots(b)
+            differ = ra != rb
+            if not differ.any():
+                return
+            a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
+            self._parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
 
     def roots(self) -> np.ndarray:
-        """Root of every id, computed by vectorised pointer jumping."""
-        parent = np.asarray(self.parent, dtype=np.int64)
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                return parent
-            parent = nxt
+        """Root of every id."""
+        return self._roots(np.arange(self.size, dtype=np.int64)).copy()
 
     def canonical(self, arr: np.ndarray) -> np.ndarray:
-        """Root of every id in ``arr`` (found once per distinct id)."""
-        uniq, inv = np.unique(np.asarray(arr), return_inverse=True)
-        roots = np.fromiter((self.find(int(x)) for x in uniq), dtype=np.int64, count=len(uniq))
-        return roots[inv].reshape(np.shape(arr))
+        """Root of every id in ``arr`` (same shape)."""
+        arr = np.asarray(arr, dtype=np.int64)
+        return self._roots(arr.ravel()).reshape(arr.shape)
 
 
 @dataclass
