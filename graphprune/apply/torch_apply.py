@@ -96,21 +96,25 @@ def apply_torch(model: nn.Module, plan: PruningPlan, inplace: bool = False) -> n
     """
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     _check(model, plan, tensors)
-    target = model if inplace else copy.deepcopy(model)
-    alias = _aliases(target)
+    alias = _aliases(model)
     by_name: dict[str, list[tuple[int, set[int]]]] = {}
     for (name, axis), removed in plan.removals().items():
         if removed:
             cuts = by_name.setdefault(alias.get(name, name), [])
             if (axis, removed) not in cuts:
                 cuts.append((axis, removed))
-    old_attrs: dict[str, tuple[nn.Module, dict]] = {}
     with torch.no_grad():
-        for name, cuts in by_name.items():
-            owner_path, _, attr = name.rpartition(".")
-            owner = target.get_submodule(owner_path)
-            old_attrs.setdefault(owner_path, (owner, _old_attrs(owner)))
-            _replace(owner, attr, cuts)
+        sliced = {id(tensors[name]): _sliced(tensors[name], cuts) for name, cuts in by_name.items()}
+    # The copy takes the sliced tensors in place of the originals (deepcopy's memo), so the
+    # full-size tensors that are cut are never copied; tied tensors stay one object.
+    target = model if inplace else copy.deepcopy(model, memo=dict(sliced))
+    old_attrs: dict[str, tuple[nn.Module, dict]] = {}
+    for name in by_name:
+        owner_path, _, attr = name.rpartition(".")
+        owner = target.get_submodule(owner_path)
+        old_attrs.setdefault(owner_path, (owner, _old_attrs(owner)))
+        if inplace:
+            _assign(owner, attr, sliced[id(tensors[name])])
     for name, canon in alias.items():
         if name != canon and canon in by_name:
             owner_path, _, attr = name.rpartition(".")
@@ -253,14 +257,18 @@ def _find_rule(mod):
     return None
 
 
-def _replace(owner: nn.Module, attr: str, cuts) -> None:
-    t = getattr(owner, attr)
+def _sliced(t: torch.Tensor, cuts) -> torch.Tensor:
+    """``t`` without the ``removed`` positions of each ``(axis, removed)`` cut; a
+    Parameter stays a Parameter (same ``requires_grad``)."""
     new = t.detach()
     for axis, removed in cuts:
         keep = [i for i in range(new.shape[axis]) if i not in removed]
         new = new.index_select(axis, torch.tensor(keep, dtype=torch.long, device=new.device))
-    new = new.clone()
+    return nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
+def _assign(owner: nn.Module, attr: str, new: torch.Tensor) -> None:
     if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
+        owner._parameters[attr] = new
     else:
         owner._buffers[attr] = new
