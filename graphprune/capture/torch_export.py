@@ -24,7 +24,7 @@ _ELEMENTWISE = {
     "hardswish": "hardswish", "hardswish_": "hardswish", "hardsigmoid": "hardsigmoid",
     "hardtanh": "hardtanh", "hardtanh_": "hardtanh", "dropout": "dropout", "clone": "identity",
     "contiguous": "identity", "alias": "identity", "_to_copy": "identity", "neg": "neg",
-    "exp": "exp", "sqrt": "sqrt", "rsqrt": "rsqrt", "pow": "pow", "abs": "abs",
+    "exp": "exp", "sqrt": "sqrt", "rsqrt": "rsqrt", "pow": "pow", "abs": "abs", "addcmul": "addcmul",
 }
 _POOL = {"adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "_adaptive_avg_pool2d",
          "max_pool2d_with_indices", "adaptive_avg_pool1d", "upsample_nearest2d",

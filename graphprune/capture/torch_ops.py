@@ -34,14 +34,14 @@ ELEMENTWISE_FUNCTIONS = {
     F.hardsigmoid: "hardsigmoid", F.dropout: "dropout", F.sigmoid: "sigmoid",
     torch.exp: "exp", torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.abs: "abs",
     torch.clamp: "clamp", F.leaky_relu: "leaky_relu", F.elu: "elu", F.mish: "mish",
-    torch.erf: "erf", F.softplus: "softplus", F.hardtanh: "hardtanh",
+    torch.erf: "erf", F.softplus: "softplus", F.hardtanh: "hardtanh", torch.addcmul: "addcmul",
 }
 ELEMENTWISE_METHODS = {
     "add": "add", "sub": "sub", "mul": "mul", "div": "div", "relu": "relu",
     "sigmoid": "sigmoid", "tanh": "tanh", "contiguous": "identity", "clone": "identity",
     "float": "identity", "to": "identity", "type_as": "identity", "exp": "exp",
     "sqrt": "sqrt", "rsqrt": "rsqrt", "abs": "abs", "clamp": "clamp", "neg": "neg",
-    "add_": "add", "mul_": "mul", "relu_": "relu", "pow": "pow", "detach": "identity",
+    "add_": "add", "mul_": "mul", "relu_": "relu", "pow": "pow", "detach": "identity", "addcmul": "addcmul",
 }
 POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_avg_pool1d, F.max_pool2d, F.avg_pool2d,
                   torch._C._nn.avg_pool2d, F.interpolate, F.adaptive_max_pool2d, F.max_pool1d,

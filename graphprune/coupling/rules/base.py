@@ -96,7 +96,7 @@ ELEMENTWISE = (
     "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish", "identity", "dropout",
     "stochastic_depth", "neg", "abs", "exp", "sqrt", "rsqrt", "pow", "clamp", "hardtanh",
     "softplus", "erf", "log", "reciprocal", "where", "max", "min", "prelu", "floor", "ceil",
-    "round", "sign", "sin", "cos",
+    "round", "sign", "sin", "cos", "addcmul",
 )
 
 
