@@ -61,11 +61,12 @@ def update_config(before: dict, slim: nn.Module) -> None:
             setattr(config, name, new.pop())
     _update_hidden(config, slim)
     old = _update_heads(config, slim)
-    if old and _mismatches(config, slim):  # the config's fields cannot say it: undo
-        _restore(config, old)
     if hasattr(config, SHAPES_KEY):
         delattr(config, SHAPES_KEY)
     odd = _mismatches(config, slim)
+    if old and odd:  # the config's fields cannot say the head counts: undo, and list the shapes
+        _restore(config, old)
+        odd = _mismatches(config, slim)
     if odd:
         setattr(config, SHAPES_KEY, odd)
 

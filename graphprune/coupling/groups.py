@@ -132,11 +132,13 @@ def build_groups(st: CouplingState) -> list[Group]:
     pair_group = unit_group[p_unit]
     key_sets = np.split(p_key[np.argsort(pair_group, kind="stable")],
                         np.cumsum(np.bincount(pair_group, minlength=n_groups))[:-1])
+    group_of = np.full(len(roots), -1, dtype=np.int64)  # root id -> group index
+    group_of[uniq] = unit_group
     groups = []
-    for idx, gk in zip(unit_sets, key_sets):
+    for gi, (idx, gk) in enumerate(zip(unit_sets, key_sets)):
         idx = idx[np.argsort(first[idx], kind="stable")]
         gkeys = sorted({keys[k] for k in set(gk.tolist())})
-        groups.append(_make_group(uniq[idx], gkeys, st, roots, status))
+        groups.append(_make_group(uniq[idx], gkeys, st, roots, status, group_of == gi))
     groups.sort(key=lambda g: _order_key(g, st))
     for i, g in enumerate(groups):
         g.id = i
@@ -158,12 +160,13 @@ def _unit_status(st, roots, units) -> dict:
     return {"fixed": fixed, "lossy": lossy, "heads": heads, "hidden": hidden}
 
 
-def _make_group(units: np.ndarray, keys, st, roots, status) -> Group:
+def _make_group(units: np.ndarray, keys, st, roots, status, in_group: np.ndarray) -> Group:
+    """``in_group[r]``: root id ``r`` is one of ``units``."""
     members = []
     for key in keys:
         m = st.members[key]
         mu = roots[m.labels]
-        pos = np.nonzero(np.isin(mu, units))[0]
+        pos = np.nonzero(in_group[mu])[0]
         members.append(GroupMember(m.param, m.axis, m.role, tuple(pos.tolist()),
                                    tuple(mu[pos].tolist()), m.is_buffer, m.op, m.slot))
     members.sort(key=lambda m: (m.role != "out", m.is_buffer))
