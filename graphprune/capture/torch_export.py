@@ -15,6 +15,20 @@ import contextlib
 import torch
 
 from ..ir import Graph
+from .torch_record import RecNode
+
+_NODES = (torch.fx.Node, RecNode)  # exported fx nodes, recorded nodes
+
+
+def _leaves(arg) -> list:
+    """The nodes in a nest of tuples and lists (an output's structure)."""
+    if isinstance(arg, _NODES):
+        return [arg]
+    if isinstance(arg, (tuple, list)):
+        return [n for a in arg for n in _leaves(a)]
+    if isinstance(arg, dict):
+        return [n for a in arg.values() for n in _leaves(a)]
+    return []
 
 aten = torch.ops.aten
 
@@ -94,7 +108,7 @@ def _static_axes(src, out) -> list[bool]:
 
 def _is_square(arg) -> bool:
     """``arg`` is ``pow(x, 2)``: a mean of it with ``keepdim`` is RMSNorm's statistic."""
-    return (isinstance(arg, torch.fx.Node) and arg.op == "call_function"
+    return (isinstance(arg, _NODES) and arg.op == "call_function"
             and getattr(arg.target, "_overloadpacket", None) is aten.pow and len(arg.args) > 1 and arg.args[1] == 2)
 
 
@@ -117,7 +131,7 @@ class _ExportTranslator:
         self.buffers = set(sig.inputs_to_buffers.values())
 
     def val(self, a):
-        v = self.env.get(a) if isinstance(a, torch.fx.Node) else None
+        v = self.env.get(a) if isinstance(a, _NODES) else None
         return None if isinstance(v, tuple) else v
 
     def emit(self, node, op, inputs, attrs=None):
@@ -132,8 +146,7 @@ class _ExportTranslator:
             if node.op == "placeholder":
                 self._placeholder(node)
             elif node.op == "output":
-                outs: list = []
-                torch.fx.node.map_arg(node.args[0], outs.append)
+                outs = _leaves(node.args[0])
                 self.graph.set_outputs([self.env[n] for n in outs if self.val(n) is not None])
             elif node.op == "call_function" and _shape(node):
                 self._call(node)
@@ -183,7 +196,7 @@ class _ExportTranslator:
         elif name in _EXTRA:
             _EXTRA[name](self, node)
         else:
-            self.emit(node, f"aten:{name}", [v(x) for x in a if isinstance(x, torch.fx.Node)])
+            self.emit(node, f"aten:{name}", [v(x) for x in a if isinstance(x, _NODES)])
 
 
 @contextlib.contextmanager

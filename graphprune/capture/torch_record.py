@@ -3,8 +3,8 @@
 For models torch.fx cannot trace symbolically (Hugging Face transformers,
 models that branch on shapes), graphprune runs the model once on the example
 inputs and records every torch-level call that reads a tensor derived from an
-input, a parameter or a buffer.  Each call is written as an fx node in the
-aten form that :mod:`.torch_export`'s translator reads (``F.linear`` ->
+input, a parameter or a buffer.  Each call is written as a node (:class:`RecNode`, the fields of an fx
+node) in the aten form that :mod:`.torch_export`'s translator reads (``F.linear`` ->
 ``aten.linear``, ``F.embedding(ids, w)`` -> ``aten.embedding(w, ids)``,
 ``x[..., :k]`` -> ``aten.slice``), so one op table and one reading of
 reshapes serve both frontends.  Like an exported program, the record is one
@@ -38,7 +38,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from ..errors import CaptureError
@@ -61,6 +60,41 @@ _IDENTITY = {"float", "double", "half", "bfloat16", "detach", "type", "cpu", "re
 _NAMES: dict = {}
 
 
+class RecNode:
+    """One recorded call: the attributes of an fx node the translator reads
+    (a real ``torch.fx.Node`` costs several times more to build)."""
+
+    __slots__ = ("name", "op", "target", "args", "kwargs", "meta")
+
+    def __init__(self, name: str, op: str, target, args: tuple = (), kwargs: dict | None = None):
+        self.name, self.op, self.target, self.args = name, op, target, args
+        self.kwargs, self.meta = kwargs or {}, {}
+
+    def __repr__(self) -> str:
+        return f"RecNode({self.name}: {self.target})"
+
+
+class RecGraph:
+    """The recorded nodes in execution order, with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[RecNode] = []
+        self._counts: dict[str, int] = {}
+
+    def create_node(self, op: str, target, args: tuple = (), kwargs=None, name: str = "node") -> RecNode:
+        k = self._counts.get(name, 0)
+        self._counts[name] = k + 1
+        node = RecNode(name if k == 0 else f"{name}_{k}", op, target, args, kwargs)
+        self.nodes.append(node)
+        return node
+
+    def placeholder(self, name: str) -> RecNode:
+        return self.create_node("placeholder", name, name=name)
+
+    def output(self, results: tuple) -> RecNode:
+        return self.create_node("output", "output", (results,), name="output")
+
+
 class _Target:
     """An fx call target that reads like the aten op ``name`` to the translator."""
 
@@ -69,9 +103,6 @@ class _Target:
         self._overloadpacket = getattr(torch.ops.aten, name, None) if _is_aten(name) else None
         if self._overloadpacket is None:
             self._overloadpacket = type(name, (), {"__name__": name})
-
-    def __call__(self, *args, **kwargs):  # fx wants callable targets; records are never run
-        raise NotImplementedError(f"recorded op aten.{self.name} is not executable")
 
     def __str__(self) -> str:
         return f"aten.{self.name}"
@@ -126,8 +157,8 @@ class _Recorder(TorchFunctionMode):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.graph = torch.fx.Graph()
-        self.node_of: dict[int, torch.fx.Node] = {}
+        self.graph = RecGraph()
+        self.node_of: dict[int, RecNode] = {}
         self.keep: list = []  # every tensor seen stays alive, so ids stay unique
         self.storages: dict[int, int] = {}
         self.to_param: dict[str, str] = {}
@@ -139,7 +170,7 @@ class _Recorder(TorchFunctionMode):
         self.input_reads: list[str] = []
 
     # -- tensors and their nodes ------------------------------------------
-    def bind(self, t: torch.Tensor, node: torch.fx.Node) -> None:
+    def bind(self, t: torch.Tensor, node: RecNode) -> None:
         node.meta["val"] = t
         if id(t) not in self.node_of:
             self.keep.append(t)
@@ -153,7 +184,7 @@ class _Recorder(TorchFunctionMode):
     def tracked(self, t: torch.Tensor) -> bool:
         return id(t) in self.node_of or id(t) in self.params or id(t) in self.buffers
 
-    def node(self, t: torch.Tensor) -> torch.fx.Node:
+    def node(self, t: torch.Tensor) -> RecNode:
         """The node of ``t``; parameters get a placeholder on first use, other
         untracked tensors a constant input."""
         n = self.node_of.get(id(t))
@@ -224,7 +255,7 @@ def _storage(t: torch.Tensor) -> int:
         return id(t)
 
 
-def _call(rec: _Recorder, name: str, args, kwargs=None, out=None) -> torch.fx.Node:
+def _call(rec: _Recorder, name: str, args, kwargs=None, out=None) -> RecNode:
     kw = {k: rec.arg(v) for k, v in (kwargs or {}).items()}
     node = rec.graph.create_node("call_function", _target(name), rec.arg(tuple(args)), kw, name=name)
     if isinstance(out, torch.Tensor):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UnsupportedOpError
-from .labels import CouplingState
+from .labels import CouplingState, unique_ids
 from .rules import RULES
 
 
@@ -116,7 +116,7 @@ def build_groups(st: CouplingState) -> list[Group]:
     key = np.repeat(np.arange(len(keys)), sizes)
     pos = np.concatenate([np.arange(n) for n in sizes])
     uniq, inv = np.unique(unit, return_inverse=True)
-    pair = np.unique(inv.astype(np.int64) * len(keys) + key)
+    pair = unique_ids(inv.astype(np.int64) * len(keys) + key)
     p_unit, p_key = pair // len(keys), pair % len(keys)
     codes = np.random.default_rng(0).integers(1, 2**62, size=(2, len(keys)), dtype=np.uint64)
     sig = np.zeros((2, len(uniq)), dtype=np.uint64)
@@ -150,7 +150,7 @@ def _unit_status(st, roots, units) -> dict:
     fixed: dict[int, str] = {}
     for x in sorted(st.fixed):
         fixed.setdefault(int(roots[x]), st.fixed_reasons.get(x, "fixed"))
-    produced = set(np.unique(roots[np.concatenate(st.produced)]).tolist()) if st.produced else set()
+    produced = set(unique_ids(roots[np.concatenate(st.produced)]).tolist()) if st.produced else set()
     for u in units.tolist():
         if u not in produced:
             fixed.setdefault(u, "no layer produces these positions")

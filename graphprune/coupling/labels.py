@@ -32,6 +32,15 @@ from ..errors import IRLintError
 LabelMap = dict[tuple[int, ...], np.ndarray]
 
 
+def unique_ids(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of ``a`` by one sort (numpy 2.4's hash-based
+    ``np.unique`` is over 50x slower on the id arrays coupling makes)."""
+    s = np.sort(np.asarray(a).ravel())
+    if len(s) == 0:
+        return s
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
 class UnionFind:
     """Union-find over dense integer ids, vectorised with numpy.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PlanError
-from .labels import axis_entry
+from .labels import axis_entry, unique_ids
 
 
 def removed_units(st, plan) -> np.ndarray:
@@ -29,7 +29,7 @@ def removed_units(st, plan) -> np.ndarray:
             if max(removed) >= len(member.labels):
                 raise PlanError(f"plan does not fit '{name}' (axis {axis} has {len(member.labels)} positions)")
             out.append(roots[member.labels[sorted(removed)]])
-    return np.unique(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+    return unique_ids(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
 class NewWidths:
