@@ -106,7 +106,7 @@ class _LazyArrays(dict):
         return arr
 
 
-def plan(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2",
+def plan(model: nn.Module, example_inputs, ratio: float | None = None, importance=None,
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
          macs: float | None = None, params: float | None = None, allocation: str = "local",
          normalizer: str = "mean", max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
@@ -118,7 +118,12 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     met by the smallest ratio that reaches it).  ``allocation="global"``
     ranks all units together (scores normalised per group by ``normalizer``,
     at most ``max_ratio`` of any group removed) instead of one ratio per group.
-    Data-driven criteria (``taylor``, ``obd``) need ``calibration`` batches;
+    ``importance=None`` (the default) is ``"l2"`` without calibration data
+    and ``"reconstruction"`` with it (the output error each unit's removal
+    leaves at the layers that read it after least-squares compensation, the
+    default of :func:`apply`; :mod:`graphprune.scoring.reconstruction`).
+    Data-driven criteria (``reconstruction``, ``taylor``, ``obd``,
+    ``activation``, ``wanda``) need ``calibration`` batches;
     ``loss_fn(output)`` overrides the label-free default loss.  ``latency``
     keeps that fraction of the weight layers' onnxruntime latency, measured
     per layer on this machine and cached (:mod:`graphprune.latency`).
@@ -135,7 +140,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     kind, value = check_budget(ratio, macs, params, latency)
     alloc = check_allocation(allocation, normalizer, max_ratio)
     round_to = check_round_to(round_to)
-    scorer = get_importance(importance)
+    scorer = get_importance(default_importance(calibration) if importance is None else importance)
     coupling = analyze(model, example_inputs, ignore, strict)
     meta = {"model": type(model).__name__, "ratio": value if kind == "ratio" else None,
             "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": coupling.method,
@@ -145,12 +150,19 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
         if calibration is None:
             raise InvalidArgumentError(f"importance '{scorer.name}' needs calibration= batches")
         data = Calibration(calibration, max_batches)
+        consumers = {m.param for g in coupling.groups if g.n_prunable for m in g.members if m.role == "in"}
         stats = (gradient_statistics(model, data, scorer.statistic, loss_fn)
-                 if scorer.statistic in ("taylor", "fisher") else activation_statistics(model, data, scorer.statistic))
+                 if scorer.statistic in ("taylor", "fisher")
+                 else activation_statistics(model, data, scorer.statistic, consumers))
         arrays = StatArrays(stats, arrays)
     measure = LatencyModel() if kind == "latency" else None
     return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, heads=heads,
                      hidden=hidden, **alloc)
+
+
+def default_importance(calibration) -> str:
+    """The criterion ``importance=None`` means: ``"reconstruction"`` given calibration data, else ``"l2"``."""
+    return "l2" if calibration is None else "reconstruction"
 
 
 def apply(model: nn.Module, plan: PruningPlan, inplace: bool = False, calibration=None,
@@ -187,12 +199,12 @@ def compensate(original: nn.Module, pruned: nn.Module, plan: PruningPlan, calibr
     return _compensate(original, pruned, plan, Calibration(calibration, max_batches), mode)
 
 
-def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance="l2", ignore=None,
+def prune(model: nn.Module, example_inputs, ratio: float | None = None, importance=None, ignore=None,
           round_to: int = 1, strict: bool = False, inplace: bool = False, macs: float | None = None,
           params: float | None = None, calibration=None, compensation: str | None = None,
           max_batches: int | None = None, steps: int = 1, latency: float | None = None,
           **allocation) -> nn.Module:
-    """``plan`` then ``apply`` in one call (``allocation``: see :func:`plan`).
+    """``plan`` then ``apply`` in one call (``importance``, ``allocation``: see :func:`plan`).
 
     ``steps=K`` prunes iteratively: K rounds, each re-scoring the model the
     previous round produced (and compensating it, given calibration data),

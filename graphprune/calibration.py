@@ -128,14 +128,18 @@ def gradient_statistics(model: torch.nn.Module, calibration: Calibration, statis
     return out
 
 
-def activation_statistics(model: torch.nn.Module, calibration: Calibration, statistic: str) -> dict:
+def activation_statistics(model: torch.nn.Module, calibration: Calibration, statistic: str,
+                          layers=None) -> dict:
     """Per-parameter arrays from forward hooks on Conv/Linear layers (model untouched).
 
     ``"activation"``: for ``<layer>.weight``, the mean |output| of each output
     channel (1-D over axis 0).  ``"wanda"``: ``|W| * ||X||``, the weight
     magnitude times the L2 norm of the input channel it reads (same shape as
-    the weight).  Layers the data never reaches are absent.
+    the weight).  ``"gram"``: see :func:`gram_statistics` (``layers`` limits
+    it to those weight names).  Layers the data never reaches are absent.
     """
+    if statistic == "gram":
+        return gram_statistics(model, calibration, layers)
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))}
     sums: dict[str, torch.Tensor] = {}
@@ -174,6 +178,89 @@ def activation_statistics(model: torch.nn.Module, calibration: Calibration, stat
         else:
             out[f"{name}.weight"] = (total / counts[name]).float().numpy()
     return out
+
+
+def input_rows(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``[rows, D]`` inputs a Linear or (ungrouped) Conv2d multiplies by
+    its flattened ``[out, D]`` weight: the last axis of a Linear's input, the
+    ``F.unfold`` patches of a Conv2d (column ``c * kh * kw + i * kw + j``)."""
+    if isinstance(mod, torch.nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def real_tokens(batch, x: torch.Tensor, mod: torch.nn.Module):
+    """Boolean mask over the rows of :func:`input_rows` that are real tokens,
+    when ``batch`` carries a tokenizer's ``attention_mask`` shaped like the
+    first two axes of a Linear's 3-D input; ``None``: every row counts.
+    Padding positions compute values no output reads."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if (mask is None or not isinstance(mod, torch.nn.Linear) or x.dim() != 3
+            or tuple(x.shape[:2]) != tuple(mask.shape)):
+        return None
+    return mask.reshape(-1).bool()
+
+
+MAX_GRAM_DIM = 8192  # wider inputs get no Gram matrix (memory D^2, inversion D^3)
+
+
+def gram_layers(model: torch.nn.Module, names=None) -> dict:
+    """Linear and ungrouped Conv2d layers by name whose flattened input is at
+    most :data:`MAX_GRAM_DIM` wide (only ``<name>.weight`` in ``names``, if given)."""
+    out = {}
+    for n, m in model.named_modules():
+        ok = isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+        if ok and m.weight[0].numel() <= MAX_GRAM_DIM and (names is None or f"{n}.weight" in names):
+            out[n] = m
+    return out
+
+
+def gram_statistics(model: torch.nn.Module, calibration: Calibration, layers=None) -> dict:
+    """``{"<layer>.weight": X^T X}`` (float32, ``[D, D]``) of every Linear and
+    ungrouped Conv2d input (:func:`gram_layers`) on the calibration data, over real tokens only
+    (:func:`real_tokens`), for the reconstruction criterion
+    (:mod:`graphprune.scoring.reconstruction`).  ``layers``: weight names to
+    collect (default all).  The model is untouched; layers the data never
+    reaches are absent."""
+    mods = gram_layers(model, layers)
+    grams: dict[str, torch.Tensor] = {}
+    current: dict = {}
+
+    def hook(name):
+        def fn(mod, args):
+            grams[name] = grams.get(name, 0) + _gram(mod, args[0].detach(), current["batch"])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(calibration):
+                current["batch"] = batch
+                run_checked(model, batch, i)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return {f"{n}.weight": g.numpy() for n, g in grams.items()}
+
+
+def _gram(mod, x, batch, chunk: int = 1 << 24) -> torch.Tensor:
+    """``X^T X`` of one batch's :func:`input_rows` (real tokens only), in
+    float32; a Conv2d's patches are unfolded a few samples at a time."""
+    def gram(rows):
+        rows = rows.float()
+        return rows.T @ rows
+
+    if isinstance(mod, torch.nn.Linear):
+        rows = input_rows(mod, x)
+        keep = real_tokens(batch, x, mod)
+        return gram(rows if keep is None else rows[keep])
+    per_sample = max(1, mod.weight[0].numel() * (x[0].numel() // max(x.shape[1], 1)))
+    step = max(1, chunk // per_sample)
+    return sum(gram(input_rows(mod, part)) for part in x.split(step))
 
 
 def run_checked(model, batch, index):

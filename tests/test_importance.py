@@ -115,3 +115,57 @@ def test_bad_allocation_options(resnet, kw):
     model, x = resnet
     with pytest.raises(gp.InvalidArgumentError):
         gp.plan(model, x, **kw)
+
+
+def test_reconstruction_error_is_the_least_squares_residual():
+    """The first greedy removal costs exactly what an explicit least-squares
+    refit of the other columns leaves (tiny ridge), and it is the cheapest unit."""
+    from graphprune.scoring.reconstruction import greedy_errors
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((200, 12)), rng.standard_normal((5, 12))
+    x[:, 7] = 0.8 * x[:, 2] + 0.05 * rng.standard_normal(200)   # column 7 is nearly explained by 2
+    scores = greedy_errors(w, x.T @ x, [np.array([i]) for i in range(12)], [True] * 12, ridge=1e-10)
+
+    def residual(j):
+        keep = [i for i in range(12) if i != j]
+        fit = np.linalg.lstsq(x[:, keep], x @ w.T, rcond=None)[0]
+        return float(np.square(x @ w.T - x[:, keep] @ fit).sum())
+
+    explicit = np.array([residual(j) for j in range(12)])
+    first = int(np.argmin(scores))
+    assert first == int(np.argmin(explicit)) and first in (2, 7)
+    assert np.isclose(scores[first], explicit[first], rtol=1e-6)
+    assert np.all(np.diff(np.sort(scores)) >= 0) and np.all(np.isfinite(scores))
+
+
+class Duplicate(nn.Module):
+    """Hidden channel 5 is an exact copy of channel 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.a.weight[5], self.a.bias[5] = self.a.weight[0], self.a.bias[0]
+            self.b.weight[:, [0, 5]] *= 4
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_reconstruction_removes_one_of_two_duplicates_and_compensation_makes_it_lossless():
+    net, x = Duplicate().eval(), torch.randn(64, 4)
+    cal = list(x.split(16))
+    plan = gp.plan(net, x[:2], ratio=1 / 6, importance="reconstruction", calibration=cal)
+    removed = {i for g in plan.groups for m in g.members if m.name == "a.weight" for i in m.removed}
+    assert len(removed) == 1 and removed <= {0, 5}
+    l2 = gp.plan(net, x[:2], ratio=1 / 6, importance="l2")
+    assert not {i for g in l2.groups for m in g.members if m.name == "a.weight" for i in m.removed} & {0, 5}
+    with torch.no_grad():
+        ref = net(x)
+        plain = float((gp.apply(net, plan)(x) - ref).norm())
+        fixed = float((gp.apply(net, plan, calibration=cal)(x) - ref).norm())
+    assert fixed < 1e-2 * plain   # the kept copy takes over (up to the ridge)
+    with pytest.raises(gp.InvalidArgumentError, match="ridge"):
+        IMPORTANCE["reconstruction"](ridge=0)
