@@ -97,3 +97,40 @@ def test_latency_budget_uses_a_cached_per_layer_table(resnet, tmp_path, monkeypa
         gp.plan(model, x, latency=0)
     with pytest.raises(gp.InvalidArgumentError, match="iterative"):
         gp.prune(model, x, latency=0.5, steps=2)
+
+
+def _bert_with_dead_heads():
+    """A 2-layer BERT whose layer 0 has three dead heads (value rows and
+    output-projection columns zero): a global head ranking takes all three."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=100)
+    model = transformers.BertModel(cfg).eval()
+    att = model.encoder.layer[0].attention
+    with torch.no_grad():
+        for h in (0, 1, 3):
+            cols = slice(16 * h, 16 * (h + 1))
+            for lin in (att.self.query, att.self.key, att.self.value):
+                lin.weight[cols] = 0
+                lin.bias[cols] = 0
+            att.output.dense.weight[:, cols] = 0
+    return model, {"input_ids": torch.randint(0, 100, (2, 6))}
+
+
+@pytest.mark.parametrize("importance", ["l2", "reconstruction"])
+def test_global_head_allocation_ranks_heads_across_layers(importance):
+    model, x = _bert_with_dead_heads()
+    cal = [{"input_ids": torch.randint(0, 100, (4, 6))} for _ in range(2)]
+    kw = {"calibration": cal} if importance != "l2" else {}
+    glob = gp.plan(model, x, heads=3 / 8, allocation="global", importance=importance, **kw)
+    kept = {g.id: g.kept_units for g in glob.groups if g.kind == "head"}
+    assert list(kept.values()) == [1]            # all three dead heads of layer 0, none of layer 1
+    removed = {i // 16 for g in glob.groups for m in g.members
+               if m.name == "encoder.layer.0.attention.self.value.weight" for i in m.removed}
+    assert removed == {0, 1, 3}
+    gp.verify(model, gp.apply(model, glob), glob, x)
+    if importance == "l2":   # every layer keeps a head whatever the share
+        everything = gp.plan(model, x, heads=0.99, allocation="global")
+        assert sorted(g.kept_units for g in everything.groups if g.kind == "head") == [1, 1]

@@ -9,6 +9,8 @@ what the original layer computed from the original inputs:
     lstsq:  W_kept += D,  D = argmin ||T - D * X_pruned||^2 + lam ||D||^2
     bias:   b += mean(T)
 
+(``lam = ridge * mean(diag(X_pruned^T X_pruned))``.)
+
 ``bn``: every BatchNorm's running statistics move by the shift the pruning
 causes on calibration data (mean += mean_pruned - mean_original, var *=
 var_pruned / var_original, per kept channel), again exact-preserving.
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..calibration import input_rows, real_tokens
 from ..capture.torch_fx import as_args
 from ..errors import InvalidArgumentError
 
@@ -68,34 +70,26 @@ def _forward(model, batch):
         return model(*args, **kwargs)
 
 
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
 def _capture_input(model, name, batch):
+    """The first input of submodule ``name`` on ``batch`` (the forward stops there)."""
     box = {}
-    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: box.setdefault("x", a[0]))
+
+    def grab(mod, args):
+        box["x"] = args[0]
+        raise _Stop
+
+    h = model.get_submodule(name).register_forward_pre_hook(grab)
     try:
         _forward(model, batch)
+    except _Stop:
+        pass
     finally:
         h.remove()
     return box["x"]
-
-
-def _patches(mod, x):
-    """Rows of inputs the layer multiplies: ``[M, D]`` (and ``[M, O]`` layout of outputs)."""
-    if isinstance(mod, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _token_rows(batch, x, mod):
-    """Rows of real tokens when ``batch`` carries a tokenizer's ``attention_mask``.
-
-    Padding positions compute values no output reads; fitting them would
-    spend the correction on noise.  ``None``: every row counts.
-    """
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None or not isinstance(mod, nn.Linear) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
-        return None
-    return mask.reshape(-1).bool()
 
 
 def _flat_weight(w):
@@ -138,37 +132,47 @@ def compensate(original: nn.Module, pruned: nn.Module, plan, calibration, mode: 
 
 def _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out) -> tuple[float, float]:
     """Fit the correction of one layer; returns the squared residual before/after."""
-    w_o = _flat_weight(o_mod.weight.detach()).double()[kept_out]
-    w_p = _flat_weight(p_mod.weight.detach()).double()
-    gram = torch.zeros(w_p.shape[1], w_p.shape[1], dtype=torch.float64)
-    cross = torch.zeros(w_p.shape[1], w_p.shape[0], dtype=torch.float64)
-    rsum = torch.zeros(w_p.shape[0], dtype=torch.float64)
-    before, rows = 0.0, 0
-    for batch in batches:
-        x_o, x_p = _capture_input(original, name, batch), _capture_input(pruned, name, batch)
-        a_o, a_p = _patches(o_mod, x_o).double(), _patches(p_mod, x_p).double()
-        keep = _token_rows(batch, x_o, o_mod)
-        if keep is not None:
-            a_o, a_p = a_o[keep], a_p[keep]
-        t = a_o @ w_o.T - a_p @ w_p.T
-        before += float((t ** 2).sum())
-        gram += a_p.T @ a_p
-        cross += a_p.T @ t
-        rsum += t.sum(0)
-        rows += t.shape[0]
+    st = _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out)
+    before, rows = st["before"], st["rows"]
     with torch.no_grad():
         if mode == "bias":
-            shift = rsum / max(rows, 1)
+            shift = st["rsum"] / max(rows, 1)
             if p_mod.bias is None:
                 return before, before
             p_mod.bias += shift.to(p_mod.bias.dtype)
             after = before - rows * float((shift ** 2).sum())
             return before, after
+        gram, cross = st["gram"], st["cross"]
         lam = ridge * float(torch.diagonal(gram).mean()) + 1e-12
         delta = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
         after = before - float((2 * cross * delta).sum()) + float((delta * (gram @ delta)).sum())
         p_mod.weight += delta.T.reshape(p_mod.weight.shape).to(p_mod.weight.dtype)
     return before, max(after, 0.0)
+
+
+def _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out) -> dict:
+    """Sums over real calibration rows of ``A^T A``, ``A^T T``, ``T`` and
+    ``|T|^2`` for ``A`` the pruned layer's inputs and ``T`` the pre-bias
+    output it misses (module docstring)."""
+    w_o = _flat_weight(o_mod.weight.detach()).double()[kept_out]
+    w_p = _flat_weight(p_mod.weight.detach()).double()
+    d, o = w_p.shape[1], w_p.shape[0]
+    st = {"gram": torch.zeros(d, d, dtype=torch.float64), "cross": torch.zeros(d, o, dtype=torch.float64),
+          "rsum": torch.zeros(o, dtype=torch.float64),
+          "before": 0.0, "rows": 0}
+    for batch in batches:
+        x_o, x_p = _capture_input(original, name, batch), _capture_input(pruned, name, batch)
+        a_o, a_p = input_rows(o_mod, x_o).double(), input_rows(p_mod, x_p).double()
+        keep = real_tokens(batch, x_o, o_mod)
+        if keep is not None:
+            a_o, a_p = a_o[keep], a_p[keep]
+        t = a_o @ w_o.T - a_p @ w_p.T
+        st["before"] += float((t ** 2).sum())
+        st["gram"] += a_p.T @ a_p
+        st["cross"] += a_p.T @ t
+        st["rsum"] += t.sum(0)
+        st["rows"] += t.shape[0]
+    return st
 
 
 def _channel_moments(model, name, batches):

@@ -123,17 +123,20 @@ def global_counts(groups: list[Group], scores: dict, fraction: float, round_to: 
 def global_plan(groups: list[Group], arrays: Mapping[str, np.ndarray], importance, fraction: float,
                 round_to: int = 1, meta=None, normalizer: str = "mean", max_ratio: float = 0.9,
                 kinds: Mapping[str, float] | None = None) -> PruningPlan:
-    """Prune the globally lowest-ranked ``fraction`` of channel units (see
-    :func:`global_counts`); groups of other kinds (heads, hidden width) lose
-    their own fraction ``kinds[kind]`` each (default 0)."""
-    kinds = kinds or {}
-    channel = [g for g in groups if g.kind == "channel"]
-    scores = {g.id: importance(g, arrays) for g in channel if g.n_prunable}
-    counts = global_counts(channel, scores, fraction, round_to, normalizer, max_ratio)
-    for g in groups:
-        if g.kind != "channel" and g.n_prunable:
-            counts[g.id] = n_to_remove(g, kinds.get(g.kind, 0.0))
+    """One ranking per group kind (see :func:`global_counts`): the globally
+    lowest-ranked ``fraction`` of channel units, and ``kinds[kind]`` of the
+    units of every other kind (whole heads across all attention layers,
+    hidden width), each group keeping at least one unit and at most
+    ``max_ratio`` of it removed.  ``round_to`` applies to channels only."""
+    shares = {"channel": fraction, **{k: v for k, v in (kinds or {}).items() if k != "channel"}}
+    scores, counts = {}, {}
+    for kind, share in shares.items():
+        members = [g for g in groups if g.kind == kind and g.n_prunable]
+        if not members or share <= 0:
+            continue
+        scores.update({g.id: importance(g, arrays) for g in members})
+        counts.update(global_counts(members, scores, share, round_to if kind == "channel" else 1,
+                                    normalizer, max_ratio))
     planned = [pg for g in groups if counts.get(g.id)
-               for pg in [plan_group(g, scores[g.id] if g.id in scores else importance(g, arrays), counts[g.id])]
-               if pg is not None]
+               for pg in [plan_group(g, scores[g.id], counts[g.id])] if pg is not None]
     return PruningPlan(tuple(planned), dict(meta or {}))
