@@ -74,6 +74,16 @@ class RecNode:
         return f"RecNode({self.name}: {self.target})"
 
 
+class _Val:
+    """What the translator reads of a recorded tensor: its shape and dtype
+    (plain tuples: reading ``Tensor.shape`` again costs more than the op)."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+
 class RecGraph:
     """The recorded nodes in execution order, with unique names."""
 
@@ -171,7 +181,7 @@ class _Recorder(TorchFunctionMode):
 
     # -- tensors and their nodes ------------------------------------------
     def bind(self, t: torch.Tensor, node: RecNode) -> None:
-        node.meta["val"] = t
+        node.meta["val"] = _Val(t)
         if id(t) not in self.node_of:
             self.keep.append(t)
             key = _storage(t)
@@ -261,7 +271,7 @@ def _call(rec: _Recorder, name: str, args, kwargs=None, out=None) -> RecNode:
     if isinstance(out, torch.Tensor):
         rec.bind(out, node)
     elif out is not None:
-        node.meta["val"] = list(out)
+        node.meta["val"] = [_Val(t) if isinstance(t, torch.Tensor) else t for t in out]
         for i, t in enumerate(out):
             if isinstance(t, torch.Tensor):
                 rec.bind(t, rec.graph.create_node("call_function", operator.getitem, (node, i), name="getitem"))

@@ -78,9 +78,9 @@ class Importance:
         for row, m in enumerate(members):
             scores = self.position_scores(np.asarray(arrays[m.param]), m.axis)
             cols = np.fromiter((index[u] for u in m.units), dtype=np.int64, count=len(m.units))
-            acc = np.zeros(len(group.units))
-            np.add.at(acc, cols, scores[list(m.indices)])
-            table[row, np.unique(cols)] = acc[np.unique(cols)]
+            acc = np.bincount(cols, weights=scores[list(m.indices)], minlength=len(group.units))
+            seen = np.bincount(cols, minlength=len(group.units)) > 0
+            table[row, seen] = acc[seen]
         return table
 
     def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
