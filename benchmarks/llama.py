@@ -20,13 +20,17 @@ off); when the head recipe fails so, TP is timed again with the attention module
 channels only) and the row says so.
 
 Reported per model and tool: ok or the failing stage with a one-line error, plan+apply time (median
-of ``--repeats``; TP: ``MetaPruner`` + ``step`` + attribute update, the ``deepcopy`` before each run
-untimed), peak RSS, parameters kept, whether the pruned model runs with the original logits shape,
-whether ``save_pretrained`` -> ``from_pretrained`` gives the same logits and, for graphprune,
-``gp.load_pretrained`` and the oracle ``gp.verify``.  Unless ``--skip-7b``, a ``LlamaConfig`` with the
-Llama-2-7B sizes is built under ``torch.device("meta")`` and taken stage by stage as far as each tool
-gets (time and peak RSS per stage, address space capped at ``--meta-mem-gb``).  Every (model, tool)
-pair runs in its own subprocess (``--threads``, ``--timeout``, ``--mem-limit-gb``); progress goes to
+of ``--repeats``; both tools prune a ``deepcopy`` of the model in place, the copy untimed: TP
+``MetaPruner`` + ``step`` + attribute update, graphprune ``gp.plan`` + ``gp.apply(inplace=True)``;
+graphprune's default copying ``gp.apply`` is timed too, in its own column), peak RSS, parameters
+kept, whether the pruned model runs with the original logits shape, whether ``save_pretrained`` ->
+``from_pretrained`` gives the same logits and, for graphprune, ``gp.load_pretrained`` and the oracle
+``gp.verify``; graphprune's capture method and, unless ``--no-export-capture``, the time
+``torch.export`` capture alone takes on the same model.  Unless ``--skip-7b``, a ``LlamaConfig``
+with the Llama-2-7B sizes is built under ``torch.device("meta")`` and taken stage by stage as far
+as each tool gets (time and peak RSS per stage, address space capped at ``--meta-mem-gb``).  Every
+(model, tool) pair runs in its own subprocess (``--threads``, ``--timeout``, ``--mem-limit-gb``);
+progress goes to
 stderr, the markdown to stdout and ``--out``, raw results to ``--json``.
 """
 
@@ -82,7 +86,7 @@ def blank(model: str, tool: str, stage: str = "build", error: str | None = None)
             "times": [], "time": None, "time_mlp": None, "rss_model_mb": None, "rss_peak_mb": None,
             "params_kept": None, "runs": False, "shape_ok": False, "config_native": None, "config_native_note": None,
             "config_gp": None, "config_gp_note": None, "verified": None, "verify_note": None, "recipe_error": None,
-            "stages": []}
+            "stages": [], "capture": None, "time_export_capture": None, "time_copying": None}
 
 
 def one_line(stage: str, err: BaseException) -> str:
@@ -143,17 +147,24 @@ def check_model(model, pruned, ids, res: dict, gp_reload: bool) -> None:
 
 # ----------------------------------------------------------------------------- graphprune worker
 
-def _gp_prune(model, ids, ratio, heads, repeats, res):
-    """``gp.plan`` + ``gp.apply`` ``repeats`` times; returns the last slim model, plan and the times."""
+def _gp_prune(model, ids, ratio, heads, repeats, res, inplace=True):
+    """``gp.plan`` + ``gp.apply`` ``repeats`` times; returns the last slim model, plan and the times.
+
+    ``inplace``: the protocol of the TP rows (a ``deepcopy`` of the model, untimed, pruned in place);
+    otherwise ``gp.apply``'s default, which copies the model inside the timed call.
+    """
+    import copy
+
     import graphprune as gp
 
     times = []
     for _ in range(repeats):
+        work = copy.deepcopy(model) if inplace else model
         t0 = time.perf_counter()
         res["stage"] = "plan"
-        plan = gp.plan(model, {"input_ids": ids}, ratio=ratio, heads=heads)
+        plan = gp.plan(work, {"input_ids": ids}, ratio=ratio, heads=heads)
         res["stage"] = "apply"
-        slim = gp.apply(model, plan)
+        slim = gp.apply(work, plan, inplace=inplace)
         times.append(time.perf_counter() - t0)
     return slim, plan, times
 
@@ -178,6 +189,17 @@ def worker_graphprune(args, layers) -> dict:
                                                              f"max |diff| {report.max_abs_diff:.1e}"
         res["stage"] = "plan+apply (MLP only)"  # the same target as TP's fallback, for the time ratio
         res["time_mlp"] = statistics.median(_gp_prune(model, ids, args.ratio, 0.0, args.repeats, res)[2])
+        res["capture"] = plan.meta.get("capture")
+        res["stage"] = "plan+apply (copying)"
+        res["time_copying"] = statistics.median(_gp_prune(model, ids, args.ratio, args.heads, args.repeats, res,
+                                                          inplace=False)[2])
+        if args.export_capture:  # what capture alone cost before the recorder (torch.export)
+            from graphprune.capture.torch_export import capture_export
+
+            res["stage"] = "torch.export capture"
+            t0 = time.perf_counter()
+            capture_export(model, {"input_ids": ids})
+            res["time_export_capture"] = time.perf_counter() - t0
         res["ok"], res["stage"] = bool(report.exact), None
     except Exception as err:  # every failure is a data point
         if res["stage"] == "verify":
@@ -525,6 +547,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp-watchdog", action=argparse.BooleanOptionalAction, default=True,
                    help="stop TP's group search when its indices outgrow every tensor (default on)")
     p.add_argument("--skip-7b", action="store_true", help="leave out the Llama-2-7B config on meta")
+    p.add_argument("--export-capture", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.export capture alone (the pre-recorder path), for reference")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "transformers.md"))
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)

@@ -97,14 +97,22 @@ def pairs(results) -> list[tuple[dict, dict]]:
 
 def ratio_table(results) -> list[str]:
     """Times side by side on the target both tools reached."""
-    head = ["model", "gp MLP+heads (s)", "gp MLP only (s)", "TP (s)", "TP target", "TP time / gp time (same target)"]
+    head = ["model", "gp MLP+heads (s)", "gp MLP only (s)", "TP (s)", "TP target", "TP time / gp time (same target)",
+            "gp capture", "gp ms / layer", "gp MLP+heads, copying apply (s)", "torch.export capture alone (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, t in pairs(results):
         ref = same_target_time(g, t)
         ratio = f"{t['time'] / ref:.2f}x" if ref and t["time"] else "-"
+        per_layer = f"{1000 * g['time'] / _depth(g['model']):.0f}" if g["time"] else "-"
         lines.append(f"| {g['model']} | {secs(g['time'])} | {secs(g['time_mlp'])} | {secs(t['time'])} | "
-                     f"{t['target'] if t['times'] else '-'} | {ratio} |")
+                     f"{t['target'] if t['times'] else '-'} | {ratio} | {g.get('capture') or '-'} | {per_layer} | "
+                     f"{secs(g.get('time_copying'))} | {secs(g.get('time_export_capture'))} |")
     return lines
+
+
+def _depth(model: str) -> int:
+    """``llama-48L`` -> 48."""
+    return int(model.split("-")[-1].rstrip("L"))
 
 
 def meta_table(results) -> list[str]:
@@ -146,6 +154,15 @@ def reading_small(ps, args) -> list[str]:
         out.append(f"- TP time / graphprune time on the same target: median {statistics.median(ratios):.2f}x (range "
                    f"{_spread(ratios, '{:.2f}')}x). graphprune MLP+heads took {gp_times} s over the depths; wall "
                    "clock on a shared machine, read as rough.")
+    per_layer = [1000 * g["time"] / _depth(g["model"]) for g, _ in ps if g["time"]]
+    if len(per_layer) > 1:
+        out.append(f"- graphprune time per decoder layer: {_spread(per_layer)} ms over depths "
+                   f"{', '.join(str(_depth(g['model'])) for g, _ in ps)} (constant per layer = linear in depth).")
+    exports = [(g["time_export_capture"], g["time"]) for g, _ in ps if g.get("time_export_capture") and g["time"]]
+    if exports:
+        took = _spread([e for e, _ in exports], "{:.1f}")
+        out.append(f"- torch.export capture alone (the path before the recorder) took {took} s, "
+                   f"{_spread([e / t for e, t in exports], '{:.0f}')}x graphprune's whole plan+apply now.")
     extra = {tool: [r["rss_peak_mb"] - r["rss_model_mb"] for pair in ps for r in pair
                     if r["tool"] == tool and r["rss_peak_mb"]] for tool in TOOLS}
     out.append(f"- Memory on top of the built model (peak RSS - RSS after build): graphprune "
