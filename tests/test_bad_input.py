@@ -121,3 +121,14 @@ def test_bad_json_plan():
 def test_not_a_module():
     with pytest.raises(gp.InvalidArgumentError, match="model"):
         gp.plan("resnet", torch.randn(1, 3, 8, 8))
+
+
+def test_verify_on_meta_says_so_in_one_line():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.zeros(2, 4, device="meta")
+    plan = gp.plan(model, x, ratio=0.5, importance="random")
+    slim = gp.apply(model, plan)
+    with pytest.raises(gp.InvalidArgumentError, match="meta device") as err:
+        gp.verify(model, slim, plan, x)
+    assert one_line(err)

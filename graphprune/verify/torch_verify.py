@@ -9,6 +9,7 @@ import torch
 
 from ..apply.torch_apply import apply_torch
 from ..capture.torch_fx import as_args
+from ..errors import InvalidArgumentError
 from ..planning.plan import PruningPlan
 from .oracle import VerifyReport, check
 
@@ -62,4 +63,9 @@ class TorchBackend:
 
 def verify_torch(original, pruned, plan: PruningPlan, inputs, atol=0.0, rtol=1e-4) -> VerifyReport:
     """Raise :class:`VerificationError` naming the worst group if the check fails."""
+    for what, model in (("model", original), ("pruned model", pruned)):
+        meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+        if meta is not None:
+            raise InvalidArgumentError(f"verify compares outputs, but the {what}'s '{meta}' is on the meta device "
+                                       f"(no data): load the weights first")
     return check(TorchBackend(original, inputs), pruned, plan, atol=atol, rtol=rtol)
