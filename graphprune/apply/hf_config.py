@@ -101,6 +101,7 @@ def _update_heads(config, slim) -> dict:
     if getattr(config, "num_key_value_heads", None) is not None:
         new["num_key_value_heads"] = kv
     new["head_dim"] = dims.pop()
+    new = {n: v for n, v in new.items() if _settable(config, n)}
     old = {n: getattr(config, n, _ABSENT) for n in new}
     for n, v in new.items():
         setattr(config, n, v)
@@ -111,6 +112,12 @@ def _update_heads(config, slim) -> dict:
         _restore(config, old)
         return {}
     return old
+
+
+def _settable(config, name: str) -> bool:
+    """A config field graphprune may write: not a read-only property (Falcon's ``head_dim``)."""
+    attr = getattr(type(config), name, None)
+    return not (isinstance(attr, property) and attr.fset is None)
 
 
 def _restore(config, old: dict) -> None:
