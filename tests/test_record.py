@@ -10,16 +10,20 @@ from helpers import assert_untouched, snapshot
 from test_transformers import HEAD_MODELS, inputs_for
 
 import graphprune as gp
+from graphprune.apply.torch_apply import _aliases
 from graphprune.capture.torch_export import capture_export, capture_record
 from graphprune.capture.torch_record import RecordError
 from graphprune.coupling.groups import couple
 
 
-def signature(graph):
-    """Every group as (kind, width, lossy, sorted members) - independent of group order and ids."""
-    groups = couple(graph).groups
+def signature(graph, prunable_only=False, alias=None):
+    """Every group as (kind, width, lossy, sorted members) - independent of group order and ids;
+    ``alias`` maps a tied parameter's names to one."""
+    alias = alias or {}
+    groups = [g for g in couple(graph).groups if g.n_prunable or not prunable_only]
     return sorted((g.kind, g.width, g.lossy, tuple(g.prunable),
-                   tuple(sorted((m.param, m.axis, m.role, m.indices, m.units) for m in g.members)))
+                   tuple(sorted((alias.get(m.param, m.param), m.axis, m.role, m.indices, m.units)
+                                for m in g.members)))
                   for g in groups)
 
 
@@ -145,3 +149,38 @@ def test_integer_input_reads_are_recorded_float_reads_refused():
     gp.verify(model, gp.apply(model, plan), plan, (x, mask))
     with pytest.raises(RecordError, match="floating-point data"):
         capture_record(model, (x, mask.float()))
+
+
+_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)
+MORE_HF = {
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(num_key_value_heads=2, head_dim=16,
+                                                                            **_SMALL)),
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(num_key_value_heads=2, head_dim=16,
+                                                                            **_SMALL)),
+    "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=100,
+        word_embed_proj_dim=64)),
+    "roberta": lambda: transformers.RobertaModel(transformers.RobertaConfig(**_SMALL)),
+    "distilbert": lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
+        dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100)),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**_SMALL)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **_SMALL)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_HF))
+def test_more_hf_families_record_like_export_and_prune_exactly(name):
+    torch.manual_seed(0)
+    model = MORE_HF[name]().eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    snap = snapshot(model)
+    # the fixed groups may differ (export takes the traced branches of the mask code), and a tied
+    # LM head is named by either of its names
+    alias = _aliases(model)
+    assert signature(capture_record(model, ids), True, alias) == signature(capture_export(model, ids), True, alias)
+    plan = gp.plan(model, ids, ratio=0.5, heads=0.5)
+    assert plan.meta["capture"] == "record" and any(g.kind == "head" for g in plan.groups)
+    report = gp.verify(model, gp.apply(model, plan), plan, ids)
+    assert report.exact
+    assert_untouched(model, snap)
