@@ -56,7 +56,7 @@ _DUNDER = {"__add__": "add", "__radd__": "add", "__iadd__": "add_", "__mul__": "
            "__setitem__": "index_put_", "__and__": "bitwise_and", "__or__": "bitwise_or",
            "__invert__": "bitwise_not", "__eq__": "eq", "__ne__": "ne", "__lt__": "lt", "__le__": "le",
            "__gt__": "gt", "__ge__": "ge", "__rpow__": "rpow"}
-_IDENTITY = {"float", "double", "half", "bfloat16", "detach", "type", "cpu", "requires_grad_"}
+_IDENTITY = {"float", "double", "half", "bfloat16", "detach", "type", "cpu", "data"}
 _NAMES: dict = {}
 
 
