@@ -9,7 +9,9 @@ what the original layer computed from the original inputs:
     lstsq:  W_kept += D,  D = argmin ||T - D * X_pruned||^2 + lam ||D||^2
     bias:   b += mean(T)
 
-(``lam = ridge * mean(diag(X_pruned^T X_pruned))``.)
+(``lam = ridge * mean(diag(X_pruned^T X_pruned))``, ``ridge`` 0.1 by
+default: on MiniLM, 25% of heads and MLP channels, 600 sentences, it
+beats 1e-3, 1e-2, 0.3 and 1; the reconstruction criterion uses the same.)
 
 ``bn``: every BatchNorm's running statistics move by the shift the pruning
 causes on calibration data (mean += mean_pruned - mean_original, var *=
@@ -33,6 +35,7 @@ import torch.nn as nn
 from ..calibration import input_rows, real_tokens
 from ..capture.torch_fx import as_args
 from ..errors import InvalidArgumentError
+from ..scoring.reconstruction import RIDGE
 
 MODES = ("lstsq", "bias", "bn", "none")
 
@@ -97,7 +100,7 @@ def _flat_weight(w):
 
 
 def compensate(original: nn.Module, pruned: nn.Module, plan, calibration, mode: str = "lstsq",
-               ridge: float = 1e-3) -> CompensationReport:
+               ridge: float = RIDGE) -> CompensationReport:
     """Correct ``pruned`` in place (see module docstring); ``original`` is read only."""
     if mode not in MODES:
         raise InvalidArgumentError(f"compensation must be one of {MODES}, got {mode!r}")

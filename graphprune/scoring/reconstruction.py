@@ -3,8 +3,8 @@ layers that read it, after those layers are refitted by least squares.
 
 For a consumer (an ``in``-role Linear or Conv2d weight ``W``, flattened to
 ``[out, D]``) with input Gram matrix ``G = X^T X`` on calibration data and
-``H = G + lam I`` (``lam = ridge * mean(diag G)``, the ridge of
-:mod:`graphprune.apply.compensate`), removing the input columns ``S`` and
+``H = G + lam I`` (``lam = ridge * mean(diag G)``, by default the ridge
+:data:`RIDGE` of :mod:`graphprune.apply.compensate`), removing the input columns ``S`` and
 refitting the kept ones optimally costs (optimal brain surgeon)
 
     err(S) = tr(W_S (Hinv_SS)^-1 W_S^T)            Hinv = H^-1
@@ -33,6 +33,7 @@ from ..errors import InvalidArgumentError
 from .importance import Importance, register_importance
 
 STEPS = 128  # greedy rounds over the width of a consumer (at least one unit each)
+RIDGE = 0.1  # relative ridge of the least-squares refit, shared with graphprune.apply.compensate
 
 
 @register_importance("reconstruction")
@@ -43,7 +44,7 @@ class ReconstructionImportance(Importance):
     statistic = "gram"
     fallback = True
 
-    def __init__(self, reduction: str = "sum", ridge: float = 1e-3):
+    def __init__(self, reduction: str = "sum", ridge: float = RIDGE):
         super().__init__(reduction)
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
             raise InvalidArgumentError(f"ridge must be a positive number, got {ridge!r}")
