@@ -5,9 +5,9 @@ on real English sentences (the dataset descriptions and estimator docstrings
 scikit-learn ships): mean cosine, and Spearman's rho between the pairwise
 similarities of the pruned and the original embeddings.  Calibration uses
 other sentences (docstrings of the remaining scikit-learn modules), no
-labels.
+labels.  Compensation is the default least squares of ``gp.apply`` (or none).
 
-    python benchmarks/minilm.py --out benchmarks/results/minilm.md
+    python benchmarks/minilm.py --criteria default --shares 0.25,0.5 --out benchmarks/results/minilm.md
 """
 
 from __future__ import annotations
@@ -117,30 +117,52 @@ def heads_per_layer(model) -> str:
     return "/".join(str(h) for h in sorted({h for h, _ in rewrite_head_counts(model).values()}))
 
 
-def run(model, tok, test, cal, settings):
-    """One row per (what, share, criterion, compensation) in ``settings``."""
+def run(model, tok, test, cal, settings, jobs: int = 1):
+    """One row per (what, share, criterion, compensation) in ``settings``, in
+    that order; ``jobs > 1`` runs settings in forked worker processes (one
+    torch thread each) that share the loaded model and data."""
+    global _STATE
     ex = dict(tok(test[:4], padding=True, return_tensors="pt"))
     ref = torch.cat([embed(model, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
+    _STATE = (model, tok, test, cal, ex, ref)
+    if jobs <= 1:
+        return [row for s in settings for row in _setting(s)]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return [row for rows in pool.map(_setting, settings, chunksize=1) for row in rows]
+
+
+_STATE = None
+
+
+def _setting(setting):
+    """The two rows (no compensation, least squares) of one (what, share, criterion)."""
+    model, tok, test, cal, ex, ref = _STATE
+    what, share, crit = setting
+    heads = share if what == "heads+MLP" else 0.0
+    plan = gp.plan(model, ex, ratio=share, heads=heads, importance=None if crit == "default" else crit,
+                   calibration=cal)
+    label = f"default ({plan.meta['importance']})" if crit == "default" else crit
     rows = []
-    for what, share, crit in settings:
-        heads = share if what == "heads+MLP" else 0.0
-        plan = gp.plan(model, ex, ratio=share, heads=heads, importance=crit, calibration=cal)
-        for comp in ("none", "lstsq"):
-            slim = gp.apply(model, plan, calibration=cal if comp == "lstsq" else None)
-            emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
-            rows.append((what, share, crit, comp, heads_per_layer(slim),
-                         slim.config.intermediate_size, mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
-        print(f"done {what} {share} {crit}", file=sys.stderr, flush=True)
+    for comp in ("none", "lstsq"):
+        slim = gp.apply(model, plan, calibration=cal if comp == "lstsq" else None)
+        emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
+        rows.append((what, share, label, comp, heads_per_layer(slim),
+                     slim.config.intermediate_size, mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
+    print(f"done {what} {share} {crit}", file=sys.stderr, flush=True)
     return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
-    p.add_argument("--criteria", default="l2,taylor,obd,wanda")
+    p.add_argument("--criteria", default="default,l2,taylor,obd,wanda",
+                   help="importance criteria; 'default' is importance=None (reconstruction, given calibration)")
     p.add_argument("--calibration", type=int, default=1200, help="number of calibration sentences")
     p.add_argument("--shares", default="0.25,0.5", help="fractions of MLP channels (and heads) removed")
     p.add_argument("--what", default="MLP,heads+MLP", help="what is pruned: MLP, heads+MLP or both")
+    p.add_argument("--jobs", type=int, default=1, help="settings run in parallel worker processes")
     args = p.parse_args(argv)
     tok, model = load()
     sents = sentences()
@@ -150,7 +172,7 @@ def main(argv=None) -> int:
     cal = batches(tok, calib)
     settings = [(what, float(share), crit) for what in args.what.split(",") for share in args.shares.split(",")
                 for crit in args.criteria.split(",")]
-    rows = run(model, tok, test, cal, settings)
+    rows = run(model, tok, test, cal, settings, args.jobs)
     lines = [f"all-MiniLM-L6-v2, {len(test)} real sentences (scikit-learn's bundled texts), mean-pooled "
              f"embeddings; calibration {len(calib)} other real sentences (no labels); command: "
              f"`python benchmarks/minilm.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
