@@ -184,3 +184,24 @@ def test_more_hf_families_record_like_export_and_prune_exactly(name):
     report = gp.verify(model, gp.apply(model, plan), plan, ids)
     assert report.exact
     assert_untouched(model, snap)
+
+
+class BranchyRMS(nn.Module):
+    """nn.RMSNorm behind a shape branch (fx fails): recorded and exported as a lossy norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.n, self.b = nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 0:
+            x = self.n(self.a(x))
+        return self.b(x)
+
+
+@pytest.mark.parametrize("capture", [capture_record, capture_export], ids=["record", "export"])
+def test_rms_norm_is_a_lossy_norm_when_recorded_or_exported(capture):
+    torch.manual_seed(0)
+    model = BranchyRMS().eval()
+    groups = [g for g in couple(capture(model, torch.randn(3, 8))).groups if g.n_prunable]
+    assert [(g.width, g.lossy) for g in groups] == [(16, True)]

@@ -154,3 +154,28 @@ def test_verify_checks_the_given_model_when_groups_are_lossy():
     slim.head = nn.Linear(3, 5)  # does not even run
     with pytest.raises(gp.VerificationError, match="fails to run"):
         gp.verify(model, slim, plan, x)
+
+
+class _HandRMS(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+@pytest.mark.parametrize("norm", [_HandRMS, nn.RMSNorm], ids=["hand-written", "nn.RMSNorm"])
+def test_rmsnorm_on_the_fx_path_is_lossy_not_a_barrier(norm):
+    """RMSNorm's mean of squares mixes channels only in the statistic: the channels
+    through it are pruned and the group is reported lossy (as on the export path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), norm(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    plan = gp.plan(model, x, ratio=0.5, strict=True)
+    assert plan.meta["capture"] == "fx"
+    assert [(g.width, g.lossy) for g in plan.groups] == [(16, True)]
+    slim = gp.apply(model, plan)
+    assert slim[1].weight.shape == (8,) and slim(x).shape == (3, 4)
+    report = gp.verify(model, slim, plan, x)
+    assert report.lossy_groups and report.exact_groups == 0

@@ -53,7 +53,7 @@ def _bn(mod, old):
     mod.num_features = ref.shape[0]
 
 
-@module_rule(nn.LayerNorm)
+@module_rule(nn.LayerNorm, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []))
 def _ln(mod, old):
     if mod.weight is not None:
         mod.normalized_shape = tuple(mod.weight.shape)

@@ -176,7 +176,7 @@ class _ExportTranslator:
             self.emit(node, "linear", [v(a[0]), v(a[1]), v(a[2]) if len(a) > 2 else None])
         elif name in ("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional"):
             self.emit(node, "batch_norm", [v(x) for x in a[:5]])
-        elif name == "layer_norm":
+        elif name in ("layer_norm", "rms_norm"):  # rms_norm(x, shape, weight): no bias
             self.emit(node, "layer_norm", [v(a[0]), v(a[2]) if len(a) > 2 else None,
                                            v(a[3]) if len(a) > 3 else None], {"normalized_ndim": len(a[1])})
         elif name in _ELEMENTWISE:

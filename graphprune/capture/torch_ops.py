@@ -43,6 +43,7 @@ ELEMENTWISE_METHODS = {
     "sqrt": "sqrt", "rsqrt": "rsqrt", "abs": "abs", "clamp": "clamp", "neg": "neg",
     "add_": "add", "mul_": "mul", "relu_": "relu", "pow": "pow", "detach": "identity", "addcmul": "addcmul",
 }
+_RMS_NORM = getattr(nn, "RMSNorm", None)  # torch >= 2.4
 POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_avg_pool1d, F.max_pool2d, F.avg_pool2d,
                   torch._C._nn.avg_pool2d, F.interpolate, F.adaptive_max_pool2d, F.max_pool1d,
                   F.avg_pool1d}
@@ -84,6 +85,8 @@ def module_handler(ctx, node, mod):
     elif isinstance(mod, nn.LayerNorm):
         ctx.emit("layer_norm", [x, ctx.param(path, "weight"), ctx.param(path, "bias")],
                  {"normalized_ndim": len(mod.normalized_shape)})
+    elif _RMS_NORM is not None and isinstance(mod, _RMS_NORM):  # LayerNorm's structure without a bias
+        ctx.emit("layer_norm", [x, ctx.param(path, "weight"), None], {"normalized_ndim": len(mod.normalized_shape)})
     elif type(mod) in ELEMENTWISE_MODULES:
         ctx.emit(ELEMENTWISE_MODULES[type(mod)], [x])
     elif isinstance(mod, POOL_MODULES):
@@ -279,14 +282,26 @@ def _split(ctx, node):
     ctx.emit("split", [ctx.value(x)], {"axis": dim, "sizes": sizes, "equal": equal})
 
 
+def _is_square(arg) -> bool:
+    """``arg`` is ``x.pow(2)`` / ``torch.pow(x, 2)`` / ``x ** 2``."""
+    if not isinstance(arg, torch.fx.Node) or len(arg.args) < 2 or arg.args[1] != 2:
+        return False
+    return (arg.op == "call_method" and arg.target == "pow") or \
+        (arg.op == "call_function" and arg.target in (torch.pow, operator.pow))
+
+
 def _reduce(ctx, node):
+    """``mean``/``sum`` over ``dim``; a ``mean(x**2, keepdim=True)`` is marked as
+    RMSNorm's statistic (lossy across channels, not a barrier), as on the export path."""
     dims = _arg(node, 1, "dim")
     if dims is None:
         dims = list(range(ctx.rank(node.args[0])))
     elif isinstance(dims, int):
         dims = [dims]
+    keep = bool(_arg(node, 2, "keepdim", False))
+    name = getattr(node.target, "__name__", node.target)
     ctx.emit("reduce", [ctx.value(node.args[0])],
-             {"axes": list(dims), "keepdim": bool(_arg(node, 2, "keepdim", False))})
+             {"axes": list(dims), "keepdim": keep, "statistic": keep and name == "mean" and _is_square(node.args[0])})
 
 
 def _layer_norm(ctx, node):

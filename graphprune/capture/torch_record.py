@@ -320,6 +320,12 @@ def _layer_norm(rec, name, args, kwargs, out):
     _call(rec, "layer_norm", _bind(("input", "normalized_shape", "weight", "bias"), args, kwargs), None, out)
 
 
+def _rms_norm(rec, name, args, kwargs, out):
+    """``F.rms_norm(x, shape, weight)``: LayerNorm's structure without a bias (statistics lossy)."""
+    x, shape, w = _bind(("input", "normalized_shape", "weight"), args, kwargs)
+    _call(rec, "layer_norm", [x, shape, w, None], None, out)
+
+
 def _embedding(rec, name, args, kwargs, out):
     ids, w = _bind(("input", "weight"), args, kwargs)
     _call(rec, "embedding", [w, ids], None, out)
@@ -430,7 +436,7 @@ def _getitem(rec, name, args, kwargs, out):
 
 _NORMALISE = {
     "linear": _linear, "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "batch_norm": _batch_norm,
-    "layer_norm": _layer_norm, "embedding": _embedding, "scaled_dot_product_attention": _sdpa,
+    "layer_norm": _layer_norm, "rms_norm": _rms_norm, "embedding": _embedding, "scaled_dot_product_attention": _sdpa,
     "mean": _mean, "permute": _permute, "transpose": _transpose, "swapaxes": _transpose, "t": _transpose,
     "T": _transpose, "mT": _transpose, "view": _reshape, "reshape": _reshape, "flatten": _reshape,
     "unsqueeze": _reshape, "squeeze": _reshape, "view_as": _reshape, "reshape_as": _reshape,
