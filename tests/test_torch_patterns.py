@@ -179,3 +179,32 @@ def test_rmsnorm_on_the_fx_path_is_lossy_not_a_barrier(norm):
     assert slim[1].weight.shape == (8,) and slim(x).shape == (3, 4)
     report = gp.verify(model, slim, plan, x)
     assert report.lossy_groups and report.exact_groups == 0
+
+
+class _SdpaAttention(nn.Module):
+    """Attention written the way transformer code does: view(B, T, -1, head_dim) and F.sdpa."""
+
+    def __init__(self, dim=32, head_dim=8):
+        super().__init__()
+        self.hd = head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.ff = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.hd ** -0.5)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+        return x + self.ff(x)
+
+
+def test_sdpa_on_the_fx_path_prunes_whole_heads_exactly():
+    torch.manual_seed(0)
+    model = _SdpaAttention().eval()
+    x = torch.randn(2, 5, 32)
+    plan = gp.plan(model, x, ratio=0.5, heads=0.5, strict=True)
+    assert plan.meta["capture"] == "fx"
+    assert sorted(g.kind for g in plan.groups) == ["channel", "head"]
+    slim = gp.apply(model, plan)
+    assert slim.q.out_features == 16 and slim.o.in_features == 16 and slim.ff[0].out_features == 32
+    assert gp.verify(model, slim, plan, x).exact

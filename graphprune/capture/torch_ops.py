@@ -384,6 +384,14 @@ def _relative_bias(ctx, node):
     ctx.emit("relative_position_bias", [ctx.value(a) for a in node.args[:2]])
 
 
+def _sdpa(ctx, node):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``."""
+    mask, scale = _arg(node, 3, "attn_mask"), _arg(node, 6, "scale")
+    ctx.emit("sdpa", [ctx.value(node.args[0]), ctx.value(_arg(node, 1, "key")), ctx.value(_arg(node, 2, "value")),
+                      ctx.value(mask) if mask is not None else None],
+             {"scale_given": scale is not None, "enable_gqa": bool(_arg(node, 7, "enable_gqa", False))})
+
+
 def _elementwise(op):
     def handler(ctx, node):
         ctx.emit(op, [ctx.value(a) for a in list(node.args) + list(node.kwargs.values())])
@@ -399,7 +407,7 @@ FUNCTIONS = {
     torch.permute: _permute, torch.transpose: _transpose, torch.swapaxes: _transpose,
     torch.chunk: _split, torch.split: _split, torch.mean: _reduce, torch.sum: _reduce,
     F.layer_norm: _layer_norm, F.linear: _linear, F.softmax: _softmax, torch.softmax: _softmax,
-    operator.getitem: _getitem, torch.roll: _roll, F.pad: _pad,
+    operator.getitem: _getitem, torch.roll: _roll, F.pad: _pad, F.scaled_dot_product_attention: _sdpa,
 }
 METHODS = {
     "view": _view, "reshape": _view, "flatten": _flatten, "permute": _permute,
