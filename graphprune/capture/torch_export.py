@@ -15,20 +15,10 @@ import contextlib
 import torch
 
 from ..ir import Graph
-from .torch_record import RecNode
+from .torch_record import RecNode, leaves, record
 
 _NODES = (torch.fx.Node, RecNode)  # exported fx nodes, recorded nodes
 
-
-def _leaves(arg) -> list:
-    """The nodes in a nest of tuples and lists (an output's structure)."""
-    if isinstance(arg, _NODES):
-        return [arg]
-    if isinstance(arg, (tuple, list)):
-        return [n for a in arg for n in _leaves(a)]
-    if isinstance(arg, dict):
-        return [n for a in arg.values() for n in _leaves(a)]
-    return []
 
 aten = torch.ops.aten
 
@@ -146,7 +136,7 @@ class _ExportTranslator:
             if node.op == "placeholder":
                 self._placeholder(node)
             elif node.op == "output":
-                outs = _leaves(node.args[0])
+                outs = leaves(node.args[0], _NODES, [])
                 self.graph.set_outputs([self.env[n] for n in outs if self.val(n) is not None])
             elif node.op == "call_function" and _shape(node):
                 self._call(node)
@@ -226,7 +216,6 @@ def capture_export(model: torch.nn.Module, inputs) -> Graph:
 def capture_record(model: torch.nn.Module, inputs) -> Graph:
     """Record one eager forward (:mod:`.torch_record`) and translate it like an exported graph."""
     from .torch_fx import as_args
-    from .torch_record import record
 
     args, kwargs = as_args(inputs)
     with _without_cache(model):

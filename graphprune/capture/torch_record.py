@@ -149,17 +149,21 @@ def _short_name(func) -> str:
     return _NAMES[func]
 
 
-def _tensors(obj, out: list) -> list:
-    """Every tensor in a nest of tuples, lists and dicts (in order)."""
-    if isinstance(obj, torch.Tensor):
+def leaves(obj, types, out: list) -> list:
+    """Every instance of ``types`` in a nest of tuples, lists and dicts (in order), appended to ``out``."""
+    if isinstance(obj, types):
         out.append(obj)
     elif isinstance(obj, (tuple, list)):
         for o in obj:
-            _tensors(o, out)
+            leaves(o, types, out)
     elif isinstance(obj, dict):
         for o in obj.values():
-            _tensors(o, out)
+            leaves(o, types, out)
     return out
+
+
+def _tensors(obj, out: list) -> list:
+    return leaves(obj, torch.Tensor, out)
 
 
 class _Recorder(TorchFunctionMode):
@@ -286,7 +290,7 @@ def _emit(rec: _Recorder, name: str, args, kwargs, out) -> None:
     elif name in _IDENTITY:
         _call(rec, "clone", args[:1], None, out)
     else:
-        tensors = [a for a in _tensors((args, kwargs), []) if isinstance(a, torch.Tensor)]
+        tensors = _tensors((args, kwargs), [])
         _call(rec, name, tensors, None, out if isinstance(out, torch.Tensor) else tuple(_tensors(out, [])))
 
 
