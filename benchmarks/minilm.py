@@ -6,6 +6,9 @@ scikit-learn ships): mean cosine, and Spearman's rho between the pairwise
 similarities of the pruned and the original embeddings.  Calibration uses
 other sentences (docstrings of the remaining scikit-learn modules), no
 labels.  Compensation is the default least squares of ``gp.apply`` (or none).
+Torch-Pruning rows (``--tp``) prune a copy to the same structure (same share
+of MLP channels and of whole heads per layer, hidden width kept) with its
+``MetaPruner``; it has no compensation.
 
     python benchmarks/minilm.py --criteria default --shares 0.25,0.5 --out benchmarks/results/minilm.md
 """
@@ -13,10 +16,13 @@ labels.  Compensation is the default least squares of ``gp.apply`` (or none).
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
+import math
 import pathlib
 import re
 import sys
+import time
 
 import torch
 import transformers
@@ -137,21 +143,83 @@ _STATE = None
 
 
 def _setting(setting):
-    """The two rows (no compensation, least squares) of one (what, share, criterion)."""
+    """The rows of one (what, share, criterion): graphprune's two (no
+    compensation, least squares), or one Torch-Pruning row for ``tp:<name>``."""
     model, tok, test, cal, ex, ref = _STATE
     what, share, crit = setting
     heads = share if what == "heads+MLP" else 0.0
-    plan = gp.plan(model, ex, ratio=share, heads=heads, importance=None if crit == "default" else crit,
-                   calibration=cal)
-    label = f"default ({plan.meta['importance']})" if crit == "default" else crit
+    start = time.perf_counter()
+    if crit.startswith("tp:"):
+        variants = [(f"Torch-Pruning {crit[3:]}", "none", tp_prune(model, ex, cal, share, heads, crit[3:]))]
+    else:
+        plan = gp.plan(model, ex, ratio=share, heads=heads, importance=None if crit == "default" else crit,
+                       calibration=cal)
+        label = f"default ({plan.meta['importance']})" if crit == "default" else crit
+        variants = [(label, comp, gp.apply(model, plan, calibration=cal if comp == "lstsq" else None))
+                    for comp in ("none", "lstsq")]
     rows = []
-    for comp in ("none", "lstsq"):
-        slim = gp.apply(model, plan, calibration=cal if comp == "lstsq" else None)
+    for label, comp, slim in variants:
         emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
         rows.append((what, share, label, comp, heads_per_layer(slim),
                      slim.config.intermediate_size, mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
-    print(f"done {what} {share} {crit}", file=sys.stderr, flush=True)
+    print(f"done {what} {share} {crit} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return rows
+
+
+def tp_prune(model, ex, cal, share: float, heads: float, crit: str):
+    """A copy of ``model`` pruned by Torch-Pruning's ``MetaPruner`` to graphprune's structure: ``share``
+    of every MLP's intermediate channels and ``heads`` of every layer's whole heads (q/k/v with
+    the attention output's input, ``prune_head_dims=False``), local ranking, no compensation.
+    Embeddings, LayerNorms and the pooler are ignored, so the residual group is skipped and the
+    hidden width stays.  ``crit``: ``l2`` (MagnitudeImportance p=2) or ``taylor`` (TaylorImportance
+    on gradients summed over ``cal`` of graphprune's label-free default loss, here half the mean
+    square of last_hidden_state)."""
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    slim = copy.deepcopy(model)
+    attn = [m for m in slim.modules() if isinstance(m, BertSelfAttention)]
+    num_heads = {getattr(a, n): a.num_attention_heads for a in attn for n in ("query", "key", "value")}
+    keep = [slim.embeddings, slim.pooler, *(m for m in slim.modules() if isinstance(m, torch.nn.LayerNorm))]
+    importance = {"l2": lambda: tp.importance.MagnitudeImportance(p=2),
+                  "taylor": lambda: tp.importance.TaylorImportance()}[crit]()
+    pruner = tp.pruner.MetaPruner(slim, ex, importance=importance, pruning_ratio=share, ignored_layers=keep,
+                                  num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                                  head_pruning_ratio=heads, output_transform=lambda out: out.last_hidden_state.sum())
+    if crit == "taylor":
+        from graphprune.calibration import default_loss
+
+        slim.zero_grad(set_to_none=True)
+        for batch in cal:
+            default_loss(slim(**batch)).backward()
+    pruner.step()
+    slim.zero_grad(set_to_none=True)
+    for a in attn:  # as Torch-Pruning's examples/transformers/prune_hf_bert.py
+        a.num_attention_heads = pruner.num_heads[a.query]
+        a.all_head_size = a.query.out_features
+    _check_tp_structure(model, slim, share, heads)
+    return slim
+
+
+def _check_tp_structure(model, slim, share: float, heads: float) -> None:
+    """Raise unless ``slim`` kept the hidden width and removed exactly ``share`` of every MLP's
+    channels and ``heads`` of every layer's whole heads (uniform over layers); sets the config's
+    ``intermediate_size``."""
+    cfg = model.config
+    hidden = {m.normalized_shape[0] for m in slim.modules() if isinstance(m, torch.nn.LayerNorm)}
+    hidden |= {slim.embeddings.word_embeddings.embedding_dim, slim.pooler.dense.out_features}
+    layers = slim.encoder.layer
+    mlp = {(x.intermediate.dense.out_features, x.output.dense.in_features) for x in layers}
+    attn = {(x.attention.self.num_attention_heads, x.attention.self.query.out_features,
+             x.attention.self.key.out_features, x.attention.self.value.out_features,
+             x.attention.output.dense.in_features) for x in layers}
+    width = int(cfg.intermediate_size * (1 - share))  # Torch-Pruning's rounding: keep int(n * (1 - share))
+    nh = cfg.num_attention_heads - math.ceil(cfg.num_attention_heads * heads)  # remove ceil(heads * n)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    want = ({cfg.hidden_size}, {(width, width)}, {(nh,) + (nh * head_dim,) * 4})
+    if (hidden, mlp, attn) != want:
+        raise RuntimeError(f"Torch-Pruning structure {(hidden, mlp, attn)}, expected {want}")
+    slim.config.intermediate_size = width
 
 
 def main(argv=None) -> int:
@@ -163,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--shares", default="0.25,0.5", help="fractions of MLP channels (and heads) removed")
     p.add_argument("--what", default="MLP,heads+MLP", help="what is pruned: MLP, heads+MLP or both")
     p.add_argument("--jobs", type=int, default=1, help="settings run in parallel worker processes")
+    p.add_argument("--tp", default="l2,taylor",
+                   help="Torch-Pruning criteria (l2, taylor) for side-by-side rows; empty: none")
     args = p.parse_args(argv)
     tok, model = load()
     sents = sentences()
@@ -170,8 +240,9 @@ def main(argv=None) -> int:
     calib = sents[250:] + calibration_sentences(set(sents), args.calibration)
     calib = calib[:args.calibration]
     cal = batches(tok, calib)
+    crits = [c for c in args.criteria.split(",") if c] + [f"tp:{c}" for c in args.tp.split(",") if c]
     settings = [(what, float(share), crit) for what in args.what.split(",") for share in args.shares.split(",")
-                for crit in args.criteria.split(",")]
+                for crit in crits]
     rows = run(model, tok, test, cal, settings, args.jobs)
     lines = [f"all-MiniLM-L6-v2, {len(test)} real sentences (scikit-learn's bundled texts), mean-pooled "
              f"embeddings; calibration {len(calib)} other real sentences (no labels); command: "
