@@ -22,6 +22,7 @@ from .checks import bad as _bad
 from .checks import check_allocation, check_budget, check_ratio, check_round_to
 from .coupling.groups import Coupling, couple
 from .errors import InvalidArgumentError
+from .ir.query import normalised_sums
 from .latency import LatencyModel
 from .metrics import count_macs, count_params
 from .planning.budget import make_plan
@@ -160,7 +161,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     coupling = analyze(model, example_inputs, ignore, strict)
     meta = {"model": type(model).__name__, "ratio": value if kind == "ratio" else None,
             "importance": getattr(scorer, "name", "custom"), "round_to": round_to, "capture": coupling.method,
-            "barriers": coupling.barriers}
+            "barriers": coupling.barriers, "norm_inputs": normalised_sums(coupling.graph)}
     arrays = _LazyArrays(model)
     if scorer.statistic != "weight":
         if calibration is None:

@@ -118,3 +118,41 @@ def test_group_lasso_drives_whole_units_to_zero():
     assert float(reg()) < 0.2 * first
     plan = gp.plan(net.eval(), x, ratio=0.5, ignore=[net.fc])
     gp.verify(net, gp.apply(net, plan), plan, x)
+
+
+def test_transformer_consumers_are_fitted_to_the_norm_input():
+    """BERT's output projections feed LayerNorm(dense(h) + residual): least
+    squares fits the norm's input (absorbing the residual's drift from earlier
+    layers) and never makes that error worse."""
+    import transformers
+
+    from graphprune.apply.compensate import norm_targets
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=100)
+    model = transformers.BertModel(cfg).eval()
+    cal = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(4)]
+    plan = gp.plan(model, cal[0], ratio=0.25, heads=0.25)
+    norms = norm_targets(model, plan, {n for n, _ in model.named_modules()})
+    assert norms == {f"encoder.layer.{i}.{p}.dense": f"encoder.layer.{i}.{p}.LayerNorm"
+                     for i in range(2) for p in ("attention.output", "output")}
+    snap = snapshot(model)
+    slim = gp.apply(model, plan)
+    report = gp.compensate(model, slim, plan, cal)
+    assert_untouched(model, snap)
+    assert set(report.layers) == set(norms)
+    for name, (before, after) in report.layers.items():
+        assert after <= before * (1 + 1e-9) + 1e-9, name
+
+    def norm_input_error(net):
+        grab = {}
+        hook = net.encoder.layer[1].output.LayerNorm.register_forward_pre_hook(
+            lambda m, a: grab.__setitem__("z", a[0]))
+        with torch.no_grad():
+            net(**cal[0])
+        hook.remove()
+        return grab["z"]
+
+    ref = norm_input_error(model)
+    assert float((norm_input_error(slim) - ref).norm()) < float((norm_input_error(gp.apply(model, plan)) - ref).norm())

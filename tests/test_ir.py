@@ -82,3 +82,27 @@ def test_ir_imports_no_framework():
     root = pathlib.Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def _residual_norm_graph(branch: bool):
+    """x -> linear -> dropout -> add(x) -> layer_norm; ``branch``: the linear's output is read twice."""
+    g = Graph()
+    x = g.add_input("x", (2, 8))
+    lin = g.add_node("linear", [x, g.add_param("fc.weight", (8, 8)), g.add_param("fc.bias", (8,))], [(2, 8)])
+    drop = g.add_node("dropout", [lin.outputs[0]], [(2, 8)])
+    add = g.add_node("add", [drop.outputs[0], x], [(2, 8)])
+    ln = g.add_node("layer_norm", [add.outputs[0], g.add_param("ln.weight", (8,)), g.add_param("ln.bias", (8,))],
+                    [(2, 8)])
+    outs = ln.outputs + ([g.add_node("relu", [lin.outputs[0]], [(2, 8)]).outputs[0]] if branch else [])
+    g.set_outputs(outs)
+    g.lint()
+    return g
+
+
+def test_normalised_sums_follow_single_use_additions_only():
+    from graphprune.ir.query import normalised_sums
+
+    assert normalised_sums(_residual_norm_graph(branch=False)) == {"fc.weight": "ln.weight"}
+    assert normalised_sums(_residual_norm_graph(branch=True)) == {}
+    g, *_ = small_graph()  # conv -> relu: no norm
+    assert normalised_sums(g) == {}

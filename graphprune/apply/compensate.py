@@ -77,22 +77,27 @@ class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
-def _capture_input(model, name, batch):
-    """The first input of submodule ``name`` on ``batch`` (the forward stops there)."""
-    box = {}
+def _capture_inputs(model, names, batch) -> list:
+    """The first inputs of submodules ``names`` on ``batch``; the forward
+    stops once all were seen (each the first time it runs)."""
+    box: dict = {}
 
-    def grab(mod, args):
-        box["x"] = args[0]
-        raise _Stop
+    def grab(name):
+        def fn(mod, args):
+            box.setdefault(name, args[0])
+            if len(box) == len(set(names)):
+                raise _Stop
+        return fn
 
-    h = model.get_submodule(name).register_forward_pre_hook(grab)
+    handles = [model.get_submodule(n).register_forward_pre_hook(grab(n)) for n in dict.fromkeys(names)]
     try:
         _forward(model, batch)
     except _Stop:
         pass
     finally:
-        h.remove()
-    return box["x"]
+        for h in handles:
+            h.remove()
+    return [box[n] for n in names]
 
 
 def _flat_weight(w):
@@ -118,24 +123,27 @@ def compensate(original: nn.Module, pruned: nn.Module, plan, calibration, mode: 
             original.train(was[0])
             pruned.train(was[1])
         return report
+    consumers = _consumers(plan)
+    norms = norm_targets(original, plan, consumers)
     try:
-        for name in _order(original, batches, _consumers(plan)):
+        for name in _order(original, batches, consumers):
             o_mod, p_mod = original.get_submodule(name), pruned.get_submodule(name)
             if not isinstance(o_mod, (nn.Linear, nn.Conv2d)) or getattr(o_mod, "groups", 1) != 1:
                 report.skipped[name] = f"{type(o_mod).__name__} (groups={getattr(o_mod, 'groups', 1)})"
                 continue
             removed = plan.removals().get((f"{name}.weight", 0), set())
             kept_out = [i for i in range(o_mod.weight.shape[0]) if i not in removed]
-            report.layers[name] = _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out)
+            report.layers[name] = _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out,
+                                       norms.get(name))
     finally:
         original.train(was[0])
         pruned.train(was[1])
     return report
 
 
-def _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out) -> tuple[float, float]:
+def _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out, norm) -> tuple[float, float]:
     """Fit the correction of one layer; returns the squared residual before/after."""
-    st = _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out)
+    st = _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out, norm)
     before, rows = st["before"], st["rows"]
     with torch.no_grad():
         if mode == "bias":
@@ -153,23 +161,31 @@ def _fit(original, pruned, o_mod, p_mod, name, batches, mode, ridge, kept_out) -
     return before, max(after, 0.0)
 
 
-def _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out) -> dict:
+def _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out, norm=None) -> dict:
     """Sums over real calibration rows of ``A^T A``, ``A^T T``, ``T`` and
-    ``|T|^2`` for ``A`` the pruned layer's inputs and ``T`` the pre-bias
-    output it misses (module docstring)."""
+    ``|T|^2`` for ``A`` the pruned layer's inputs and ``T`` what it misses:
+    the pre-bias output (module docstring), or with ``norm`` (the name of the
+    LayerNorm/RMSNorm that reads the layer's output plus the residual, see
+    :func:`norm_targets`) the difference of that norm's inputs."""
     w_o = _flat_weight(o_mod.weight.detach()).double()[kept_out]
     w_p = _flat_weight(p_mod.weight.detach()).double()
     d, o = w_p.shape[1], w_p.shape[0]
     st = {"gram": torch.zeros(d, d, dtype=torch.float64), "cross": torch.zeros(d, o, dtype=torch.float64),
           "rsum": torch.zeros(o, dtype=torch.float64),
           "before": 0.0, "rows": 0}
+    names = [name] if norm is None else [name, norm]
     for batch in batches:
-        x_o, x_p = _capture_input(original, name, batch), _capture_input(pruned, name, batch)
-        a_o, a_p = input_rows(o_mod, x_o).double(), input_rows(p_mod, x_p).double()
+        (x_o, *z_o), (x_p, *z_p) = _capture_inputs(original, names, batch), _capture_inputs(pruned, names, batch)
+        a_p = input_rows(p_mod, x_p).double()
+        if norm is None:
+            t = input_rows(o_mod, x_o).double() @ w_o.T - a_p @ w_p.T
+        else:
+            if z_o[0].shape[:-1] != x_o.shape[:-1]:  # a broadcasting residual: fit the layer's output
+                return _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out)
+            t = (z_o[0].reshape(-1, z_o[0].shape[-1])[:, kept_out] - z_p[0].reshape(-1, o)).double()
         keep = real_tokens(batch, x_o, o_mod)
         if keep is not None:
-            a_o, a_p = a_o[keep], a_p[keep]
-        t = a_o @ w_o.T - a_p @ w_p.T
+            a_p, t = a_p[keep], t[keep]
         st["before"] += float((t ** 2).sum())
         st["gram"] += a_p.T @ a_p
         st["cross"] += a_p.T @ t
@@ -178,11 +194,32 @@ def _residual_moments(original, pruned, o_mod, p_mod, name, batches, kept_out) -
     return st
 
 
+def norm_targets(model, plan, consumers) -> dict[str, str]:
+    """``{consumer: norm module}`` for the consumers whose output the plan's
+    graph showed to reach a LayerNorm/RMSNorm input only through additions
+    (``plan.meta["norm_inputs"]``, :func:`graphprune.ir.query.normalised_sums`),
+    when that norm is an ``nn.LayerNorm``/``nn.RMSNorm`` over the last axis
+    (its forward's first input is then exactly the normalised sum)."""
+    out = {}
+    for weight, norm_weight in plan.meta.get("norm_inputs", {}).items():
+        layer, norm = weight.rpartition(".")[0], norm_weight.rpartition(".")[0]
+        if layer not in consumers:
+            continue
+        try:
+            mod = model.get_submodule(norm)
+        except AttributeError:
+            continue
+        if (isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and len(mod.normalized_shape) == 1
+                and isinstance(model.get_submodule(layer), nn.Linear)):
+            out[layer] = norm
+    return out
+
+
 def _channel_moments(model, name, batches):
     """Per-channel mean and variance of BatchNorm ``name``'s input on the batches."""
     total, sq, n = 0, 0, 0
     for batch in batches:
-        x = _capture_input(model, name, batch).double()
+        x = _capture_inputs(model, [name], batch)[0].double()
         dims = [d for d in range(x.dim()) if d != 1]
         total = total + x.sum(dims)
         sq = sq + (x * x).sum(dims)
