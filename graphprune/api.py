@@ -16,7 +16,7 @@ import torch.nn as nn
 from .apply.compensate import compensate as _compensate
 from .apply.hf_config import module_widths, update_config
 from .apply.torch_apply import apply_torch
-from .calibration import Calibration, activation_statistics, gradient_statistics
+from .calibration import Calibration, activation_statistics, gradient_statistics, norm_modules
 from .capture.torch_fx import capture_torch
 from .checks import bad as _bad
 from .checks import check_allocation, check_budget, check_ratio, check_round_to
@@ -125,8 +125,8 @@ class _LazyArrays(dict):
 
 def plan(model: nn.Module, example_inputs, ratio: float | None = None, importance=None,
          ignore: Iterable | None = None, round_to: int = 1, strict: bool = False,
-         macs: float | None = None, params: float | None = None, allocation: str = "local",
-         normalizer: str = "mean", max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
+         macs: float | None = None, params: float | None = None, allocation: str | None = None,
+         normalizer: str | None = None, max_ratio: float = 0.9, calibration=None, max_batches: int | None = None,
          loss_fn=None, latency: float | None = None, heads: float = 0.0, hidden: float = 0.0) -> PruningPlan:
     """Decide what to remove (the model is untouched).
 
@@ -134,7 +134,11 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     0.5), or ``macs`` / ``params`` (fraction of the dense model to keep,
     met by the smallest ratio that reaches it).  ``allocation="global"``
     ranks all units together (scores normalised per group by ``normalizer``,
-    at most ``max_ratio`` of any group removed) instead of one ratio per group.
+    at most ``max_ratio`` of any group removed) instead of one ratio per group
+    (``"local"``).  ``None``, the default, is global without a normaliser
+    when the criterion's scores mean the same in every group and it scored
+    every group itself (``reconstruction`` given calibration data: errors
+    in the same units everywhere), else local (``normalizer`` ``"mean"``).
     ``importance=None`` (the default) is ``"l2"`` without calibration data
     and ``"reconstruction"`` with it (the output error each unit's removal
     leaves at the layers that read it after least-squares compensation, the
@@ -155,7 +159,7 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
     if (heads or hidden) and ratio is macs is params is latency is None:
         ratio = 0.0
     kind, value = check_budget(ratio, macs, params, latency)
-    alloc = check_allocation(allocation, normalizer, max_ratio)
+    check_allocation(allocation or "local", normalizer or "mean", max_ratio)
     round_to = check_round_to(round_to)
     scorer = get_importance(default_importance(calibration) if importance is None else importance)
     coupling = analyze(model, example_inputs, ignore, strict)
@@ -170,8 +174,13 @@ def plan(model: nn.Module, example_inputs, ratio: float | None = None, importanc
         consumers = {m.param for g in coupling.groups if g.n_prunable for m in g.members if m.role == "in"}
         stats = (gradient_statistics(model, data, scorer.statistic, loss_fn)
                  if scorer.statistic in ("taylor", "fisher")
-                 else activation_statistics(model, data, scorer.statistic, consumers))
+                 else activation_statistics(model, data, scorer.statistic, consumers,
+                                            norm_modules(model, meta["norm_inputs"],
+                                                         {c.rpartition(".")[0] for c in consumers})))
         arrays = StatArrays(stats, arrays)
+    comparable = getattr(scorer, "comparable", False) and all(
+        scorer.covers(g, arrays) for g in coupling.groups if g.n_prunable)
+    alloc = check_allocation(allocation, normalizer, max_ratio, comparable)
     measure = LatencyModel() if kind == "latency" else None
     return make_plan(coupling, arrays, scorer, kind, value, round_to, meta, measure=measure, heads=heads,
                      hidden=hidden, **alloc)

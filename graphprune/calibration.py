@@ -129,17 +129,18 @@ def gradient_statistics(model: torch.nn.Module, calibration: Calibration, statis
 
 
 def activation_statistics(model: torch.nn.Module, calibration: Calibration, statistic: str,
-                          layers=None) -> dict:
+                          layers=None, norms=None) -> dict:
     """Per-parameter arrays from forward hooks on Conv/Linear layers (model untouched).
 
     ``"activation"``: for ``<layer>.weight``, the mean |output| of each output
     channel (1-D over axis 0).  ``"wanda"``: ``|W| * ||X||``, the weight
     magnitude times the L2 norm of the input channel it reads (same shape as
     the weight).  ``"gram"``: see :func:`gram_statistics` (``layers`` limits
-    it to those weight names).  Layers the data never reaches are absent.
+    it to those weight names, ``norms`` weights rows as compensation does).
+    Layers the data never reaches are absent.
     """
     if statistic == "gram":
-        return gram_statistics(model, calibration, layers)
+        return gram_statistics(model, calibration, layers, norms)
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))}
     sums: dict[str, torch.Tensor] = {}
@@ -216,23 +217,72 @@ def gram_layers(model: torch.nn.Module, names=None) -> dict:
     return out
 
 
-def gram_statistics(model: torch.nn.Module, calibration: Calibration, layers=None) -> dict:
+def norm_modules(model: torch.nn.Module, norm_inputs: dict, consumers) -> dict[str, str]:
+    """``{layer: norm module}`` for the ``consumers`` (module names) whose
+    output the captured graph showed to reach a LayerNorm/RMSNorm input only
+    through additions (``norm_inputs``: weight name -> norm weight name, from
+    :func:`graphprune.ir.query.normalised_sums`), when the layer is an
+    ``nn.Linear`` and the norm an ``nn.LayerNorm``/``nn.RMSNorm`` over the
+    last axis (its forward's first input is then exactly the normalised sum)."""
+    out = {}
+    for weight, norm_weight in norm_inputs.items():
+        layer, norm = weight.rpartition(".")[0], norm_weight.rpartition(".")[0]
+        if layer not in consumers:
+            continue
+        try:
+            mod, lin = model.get_submodule(norm), model.get_submodule(layer)
+        except AttributeError:
+            continue
+        if (isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and len(mod.normalized_shape) == 1
+                and isinstance(lin, torch.nn.Linear)):
+            out[layer] = norm
+    return out
+
+
+def norm_scale(mod: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1]``: the square of what ``mod`` (LayerNorm or RMSNorm) divides
+    each row of its ``[rows, width]`` input ``z`` by, so ``error / scale`` is
+    the squared error it passes on (to first order, before its affine weight)."""
+    eps = mod.eps if mod.eps is not None else torch.finfo(torch.float32).eps
+    if isinstance(mod, torch.nn.LayerNorm):
+        return z.var(1, unbiased=False, keepdim=True) + eps
+    return z.pow(2).mean(1, keepdim=True) + eps
+
+
+def gram_statistics(model: torch.nn.Module, calibration: Calibration, layers=None, norms=None) -> dict:
     """``{"<layer>.weight": X^T X}`` (float32, ``[D, D]``) of every Linear and
     ungrouped Conv2d input (:func:`gram_layers`) on the calibration data, over real tokens only
     (:func:`real_tokens`), for the reconstruction criterion
     (:mod:`graphprune.scoring.reconstruction`).  ``layers``: weight names to
-    collect (default all).  The model is untouched; layers the data never
-    reaches are absent."""
+    collect (default all).  ``norms`` (:func:`norm_modules`): a layer that
+    feeds a norm gets each row weighted by one over :func:`norm_scale` of
+    that norm's input, as least-squares compensation weights it.  The model
+    is untouched; layers the data never reaches are absent."""
     mods = gram_layers(model, layers)
+    norms = {k: v for k, v in (norms or {}).items() if k in mods}
     grams: dict[str, torch.Tensor] = {}
     current: dict = {}
+    pending: dict = {}
 
     def hook(name):
         def fn(mod, args):
-            grams[name] = grams.get(name, 0) + _gram(mod, args[0].detach(), current["batch"])
+            if name in norms:
+                pending[name] = args[0].detach()
+            else:
+                grams[name] = grams.get(name, 0) + _gram(mod, args[0].detach(), current["batch"])
+        return fn
+
+    def norm_hook(name):
+        def fn(mod, args):
+            for layer in [n for n, m in norms.items() if m == name and n in pending]:
+                z = args[0].detach()
+                w = 1.0 / norm_scale(mod, z.reshape(-1, z.shape[-1]).double())
+                x = pending.pop(layer)
+                grams[layer] = grams.get(layer, 0) + _gram(mods[layer], x, current["batch"], weights=w)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    handles += [model.get_submodule(n).register_forward_pre_hook(norm_hook(n)) for n in set(norms.values())]
     was = model.training
     model.eval()
     try:
@@ -240,6 +290,9 @@ def gram_statistics(model: torch.nn.Module, calibration: Calibration, layers=Non
             for i, batch in enumerate(calibration):
                 current["batch"] = batch
                 run_checked(model, batch, i)
+                for layer, x in pending.items():  # the norm never ran: unweighted
+                    grams[layer] = grams.get(layer, 0) + _gram(mods[layer], x, batch)
+                pending.clear()
     finally:
         model.train(was)
         for h in handles:
@@ -247,17 +300,20 @@ def gram_statistics(model: torch.nn.Module, calibration: Calibration, layers=Non
     return {f"{n}.weight": g.numpy() for n, g in grams.items()}
 
 
-def _gram(mod, x, batch, chunk: int = 1 << 24) -> torch.Tensor:
+def _gram(mod, x, batch, chunk: int = 1 << 24, weights=None) -> torch.Tensor:
     """``X^T X`` of one batch's :func:`input_rows` (real tokens only), in
-    float32; a Conv2d's patches are unfolded a few samples at a time."""
-    def gram(rows):
+    float32, each row times ``weights`` (``[rows, 1]``, Linear only) if
+    given; a Conv2d's patches are unfolded a few samples at a time."""
+    def gram(rows, w=None):
         rows = rows.float()
-        return rows.T @ rows
+        return (rows if w is None else rows * w.float()).T @ rows
 
     if isinstance(mod, torch.nn.Linear):
         rows = input_rows(mod, x)
         keep = real_tokens(batch, x, mod)
-        return gram(rows if keep is None else rows[keep])
+        if keep is not None:
+            rows, weights = rows[keep], None if weights is None else weights[keep]
+        return gram(rows, weights)
     per_sample = max(1, mod.weight[0].numel() * (x[0].numel() // max(x.shape[1], 1)))
     step = max(1, chunk // per_sample)
     return sum(gram(input_rows(mod, part)) for part in x.split(step))

@@ -41,11 +41,18 @@ def check_budget(ratio, macs, params, latency=None) -> tuple[str, float]:
     return kind, float(value)
 
 
-def check_allocation(allocation, normalizer, max_ratio) -> dict:
-    """Options of global allocation, validated once for every API."""
+def check_allocation(allocation, normalizer, max_ratio, comparable: bool = False) -> dict:
+    """Options of global allocation, validated once for every API.  ``None``
+    picks the default: with ``comparable`` scores (the same unit in every
+    group) one global ranking without a normaliser, else one ratio per group
+    (and the ``mean`` normaliser if global is asked for)."""
     from .planning.budget import ALLOCATIONS
     from .planning.planner import NORMALIZERS
 
+    if allocation is None:
+        allocation = "global" if comparable else "local"
+    if normalizer is None:
+        normalizer = "none" if comparable else "mean"
     if allocation not in ALLOCATIONS:
         raise bad("allocation", f"one of {ALLOCATIONS}", allocation)
     if normalizer not in NORMALIZERS:

@@ -88,7 +88,7 @@ def resnet():
     return lively_init(torchvision.models.resnet18().eval()), torch.randn(1, 3, 64, 64)
 
 
-@pytest.mark.parametrize("normalizer", ["mean", "lamp"])
+@pytest.mark.parametrize("normalizer", ["mean", "lamp", "none"])
 def test_global_allocation_meets_macs_budget_within_two_percent(resnet, normalizer):
     model, x = resnet
     plan = gp.plan(model, x, macs=0.5, ignore=[model.fc], allocation="global", normalizer=normalizer)
@@ -176,3 +176,24 @@ def test_reconstruction_removes_one_of_two_duplicates_and_compensation_makes_it_
     assert fixed < 1e-2 * plain   # the kept copy takes over (up to the ridge)
     with pytest.raises(gp.InvalidArgumentError, match="ridge"):
         IMPORTANCE["reconstruction"](ridge=0)
+
+
+def test_default_allocation_is_global_only_for_comparable_scores_of_every_group(monkeypatch):
+    """Reconstruction errors are one unit everywhere: by default they are
+    ranked globally without a normaliser (and still meet a MACs budget);
+    magnitude scores, an explicit choice, or a group the criterion could not
+    score itself (L2 fallback) keep one ratio per group."""
+    torch.manual_seed(0)
+    net, x = lively_init(Net().eval()), torch.randn(1, 3, 8, 8)
+    cal = [torch.randn(8, 3, 8, 8)]
+    plan = gp.plan(net, x, macs=0.5, calibration=cal)
+    assert (plan.meta["importance"], plan.meta["allocation"], plan.meta["normalizer"]) == (
+        "reconstruction", "global", "none")
+    kept = gp.count_macs(gp.apply(net, plan), x) / gp.count_macs(net, x)
+    assert 0.4 <= kept <= 0.5  # 16 channels: one is several % of the MACs (ResNet: within 2%, above)
+    assert gp.plan(net, x, ratio=0.3).meta["allocation"] == "local"
+    assert gp.plan(net, x, ratio=0.3, calibration=cal, allocation="local").meta["allocation"] == "local"
+    assert gp.plan(net, x, ratio=0.3, allocation="global").meta["normalizer"] == "mean"
+    monkeypatch.setattr("graphprune.calibration.MAX_GRAM_DIM", 16)  # c2 (72 inputs) gets no Gram matrix
+    fallback = gp.plan(net, x, ratio=0.25, calibration=cal)
+    assert (fallback.meta["importance"], fallback.meta["allocation"]) == ("reconstruction", "local")

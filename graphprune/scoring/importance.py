@@ -53,6 +53,7 @@ class Importance:
     name = "base"
     statistic = "weight"  # what the arrays hold: weights, or a calibration statistic
     fallback = False      # score groups without a member this criterion reads by L2
+    comparable = False    # scores mean the same thing in every group (one global ranking needs no normaliser)
 
     def __init__(self, reduction: str = "sum"):
         if reduction not in REDUCTIONS:
@@ -82,6 +83,10 @@ class Importance:
             seen = np.bincount(cols, minlength=len(group.units)) > 0
             table[row, seen] = acc[seen]
         return table
+
+    def covers(self, group: Group, arrays: Mapping[str, np.ndarray]) -> bool:
+        """Whether some member of ``group`` is scored by this criterion itself (not by the L2 fallback)."""
+        return any(self.statistic == "weight" or m.param in arrays for m in self.members(group))
 
     def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         table = self.member_scores(group, arrays)

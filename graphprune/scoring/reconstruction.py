@@ -18,7 +18,11 @@ mistake.  A unit's score is its ``err`` at the step it was removed,
 made non-decreasing along the removal order: the ``k`` lowest scores are
 exactly the first ``k`` greedy removals.  Prunable units are removed before
 the others.  Scores are absolute squared output errors, summed over the
-consumers of a group (each is compensated on its own).  Groups without a
+consumers of a group (each is compensated on its own); where a consumer
+feeds a LayerNorm/RMSNorm, ``X``'s rows are weighted by one over that norm's
+squared scale (``graphprune.calibration.gram_statistics``), so errors are
+in the units the norm passes on.  Being one unit everywhere, they are
+ranked globally by default (``gp.plan``).  Groups without a
 consumer statistic fall back to L2.  A unit whose columns are zero in ``W``
 or never active in ``X`` scores 0.
 """
@@ -43,6 +47,7 @@ class ReconstructionImportance(Importance):
 
     statistic = "gram"
     fallback = True
+    comparable = True  # squared output errors (norm-scaled where a norm follows): one unit in every group
 
     def __init__(self, reduction: str = "sum", ridge: float = RIDGE):
         super().__init__(reduction)
