@@ -117,10 +117,15 @@ def batches(tok, texts, size=32):
 
 
 def heads_per_layer(model) -> str:
-    """Heads per attention layer, read from the projections (BERT's config cannot say it)."""
+    """Heads of each attention layer in order, read from the projections (BERT's config cannot say it)."""
     from graphprune.apply.torch_apply import rewrite_head_counts
 
-    return "/".join(str(h) for h in sorted({h for h, _ in rewrite_head_counts(model).values()}))
+    return " ".join(str(h) for h, _ in rewrite_head_counts(model).values())
+
+
+def mlp_widths(model) -> str:
+    """Each layer's MLP width in order (per-layer widths after global allocation)."""
+    return " ".join(str(layer.intermediate.dense.out_features) for layer in model.encoder.layer)
 
 
 def run(model, tok, test, cal, settings, jobs: int = 1):
@@ -161,7 +166,7 @@ def _setting(setting):
     for label, comp, slim in variants:
         emb = torch.cat([embed(slim, tok, test[i:i + 50]) for i in range(0, len(test), 50)])
         rows.append((what, share, label, comp, heads_per_layer(slim),
-                     slim.config.intermediate_size, mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
+                     mlp_widths(slim), mean_cosine(emb, ref), spearman_pairwise(emb, ref)))
     print(f"done {what} {share} {crit} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
     lines = [f"all-MiniLM-L6-v2, {len(test)} real sentences (scikit-learn's bundled texts), mean-pooled "
              f"embeddings; calibration {len(calib)} other real sentences (no labels); command: "
              f"`python benchmarks/minilm.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "| removed | share | criterion | compensation | heads/layer | intermediate_size | mean cosine "
+             "| removed | share | criterion | compensation | heads per layer | MLP width per layer | mean cosine "
              "| Spearman rho |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {w} | {r:.0%} | {c} | {m} | {h} | {i} | {cos:.4f} | {rho:.4f} |"
               for w, r, c, m, h, i, cos, rho in rows]
