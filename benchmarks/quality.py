@@ -10,7 +10,13 @@ fine-tuned for one epoch (graphprune's from its least-squares compensated
 model).  ``default`` is graphprune's ``importance=None`` (the reconstruction
 criterion, given calibration data).  Accuracy is on the held-out digits.
 
+Part (b), the real pretrained MiniLM beside Torch-Pruning, is
+``benchmarks/minilm.py``; ``--parts cnn,minilm`` runs both here (MiniLM with
+the default settings and Torch-Pruning's L2 and Taylor, writing
+``--minilm-out``; about 20 minutes on 2 cores).
+
     python benchmarks/quality.py --out benchmarks/results/quality.md
+    python benchmarks/quality.py --parts minilm --minilm-out benchmarks/results/minilm.md
 """
 
 from __future__ import annotations
@@ -132,7 +138,17 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="0.5,0.25", help="MACs to keep")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--out", default=None)
+    p.add_argument("--parts", default="cnn", help="cnn, minilm or both (comma-separated)")
+    p.add_argument("--minilm-out", default=None, help="where the MiniLM part writes its table")
     args = p.parse_args(argv)
+    if "minilm" in args.parts.split(","):
+        import minilm
+
+        out = ["--out", args.minilm_out] if args.minilm_out else []
+        minilm.main(["--criteria", "default", "--tp", "l2,taylor", "--shares", "0.25,0.5", "--what",
+                     "heads+MLP,MLP", "--calibration", "1200", "--jobs", "2", *out])
+    if "cnn" not in args.parts.split(","):
+        return 0
     torch.set_num_threads(2)
     train_set, test_set = data()
     torch.manual_seed(0)
