@@ -274,10 +274,12 @@ def gram_statistics(model: torch.nn.Module, calibration: Calibration, layers=Non
 
     def norm_hook(name):
         def fn(mod, args):
+            z = args[0].detach()
             for layer in [n for n, m in norms.items() if m == name and n in pending]:
-                z = args[0].detach()
-                w = 1.0 / norm_scale(mod, z.reshape(-1, z.shape[-1]).double())
                 x = pending.pop(layer)
+                w = None  # a broadcasting residual: rows do not pair up, unweighted (as compensation)
+                if z.shape[:-1] == x.shape[:-1]:
+                    w = 1.0 / norm_scale(mod, z.reshape(-1, z.shape[-1]).double())
                 grams[layer] = grams.get(layer, 0) + _gram(mods[layer], x, current["batch"], weights=w)
         return fn
 
