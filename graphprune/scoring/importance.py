@@ -74,7 +74,7 @@ class Importance:
     def member_scores(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         """``[members, units]`` raw scores, NaN where a member lacks the unit."""
         index = {u: i for i, u in enumerate(group.units)}
-        members = [m for m in self.members(group) if self.statistic == "weight" or m.param in arrays]
+        members = self.scored_members(group, arrays)
         table = np.full((len(members), len(group.units)), np.nan)
         for row, m in enumerate(members):
             scores = self.position_scores(np.asarray(arrays[m.param]), m.axis)
@@ -84,9 +84,13 @@ class Importance:
             table[row, seen] = acc[seen]
         return table
 
+    def scored_members(self, group: Group, arrays: Mapping[str, np.ndarray]) -> list:
+        """The members this criterion scores itself: :meth:`members` whose array it has."""
+        return [m for m in self.members(group) if self.statistic == "weight" or m.param in arrays]
+
     def covers(self, group: Group, arrays: Mapping[str, np.ndarray]) -> bool:
         """Whether some member of ``group`` is scored by this criterion itself (not by the L2 fallback)."""
-        return any(self.statistic == "weight" or m.param in arrays for m in self.members(group))
+        return bool(self.scored_members(group, arrays))
 
     def __call__(self, group: Group, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         table = self.member_scores(group, arrays)

@@ -62,7 +62,7 @@ class ReconstructionImportance(Importance):
     def member_scores(self, group, arrays) -> np.ndarray:
         """``[consumers, units]`` greedy errors, NaN where a consumer lacks the unit."""
         weights = getattr(arrays, "weights", arrays)
-        members = [m for m in self.members(group) if m.param in arrays]
+        members = self.scored_members(group, arrays)
         index = {u: i for i, u in enumerate(group.units)}
         table = np.full((len(members), len(group.units)), np.nan)
         for row, m in enumerate(members):
